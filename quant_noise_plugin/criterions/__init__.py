@@ -1,0 +1,1 @@
+from . import qn_cross_entropy  # noqa: F401  (registration)

@@ -1,0 +1,82 @@
+"""``qn_transformer_lm``: fairseq's transformer_lm with the plugin's Quant-Noise.
+
+Same modules, parameters and state_dict keys as ``transformer_lm`` (no extra layer is added);
+with the noise off it is the same model.
+
+Registered the legacy (argparse-namespace) way on purpose: fairseq hands such models the very
+config object that ``FairseqTask.build_model`` later passes to its own scalar quantizer, so zeroing
+fairseq's built-in rates in ``build_model`` really keeps fairseq's noise from firing (a
+dataclass-registered model only ever sees a merged copy).
+"""
+from dataclasses import dataclass
+
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+    transformer_lm_baevski_wiki103,
+    transformer_lm_gpt2_tiny,
+)
+
+from ..fairseq_options import QuantNoiseExtraOptions, disable_fairseq_builtin_noise, noise_config_of
+from ..quant_noise import apply_quant_noise_
+
+
+@dataclass
+class QNTransformerLanguageModelConfig(TransformerLanguageModelConfig, QuantNoiseExtraOptions):
+    pass
+
+
+@register_model("qn_transformer_lm")
+class QNTransformerLanguageModel(TransformerLanguageModel):
+    @classmethod
+    def add_args(cls, parser):
+        gen_parser_from_dataclass(parser, QNTransformerLanguageModelConfig(), delete_default=True)
+
+    @classmethod
+    def build_model(cls, args, task):
+        qn_base_lm_architecture(args)
+        noise = noise_config_of(args)  # validates before anything is built
+        disable_fairseq_builtin_noise(args)
+        model = super().build_model(args, task)
+        model.quant_noise_config = noise
+        apply_quant_noise_(model, noise)
+        return model
+
+
+def _extra_defaults(args):
+    for name, default in (("quant_noise_scalar_bits", 8), ("quant_noise_scalar_per_channel", False), ("quant_noise_exclude", None)):
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+
+
+@register_model_architecture("qn_transformer_lm", "qn_transformer_lm")
+def qn_base_lm_architecture(args):
+    base_lm_architecture(args)
+    _extra_defaults(args)
+
+
+@register_model_architecture("qn_transformer_lm", "qn_transformer_lm_wiki103")
+def qn_transformer_lm_wiki103(args):
+    """The paper's 16-layer WikiText-103 LM (Baevski & Auli adaptive inputs)."""
+    transformer_lm_baevski_wiki103(args)
+    _extra_defaults(args)
+
+
+@register_model_architecture("qn_transformer_lm", "qn_transformer_lm_gpt2_tiny")
+def qn_transformer_lm_gpt2_tiny(args):
+    transformer_lm_gpt2_tiny(args)
+    _extra_defaults(args)
+
+
+@register_model_architecture("qn_transformer_lm", "qn_transformer_lm_small")
+def qn_transformer_lm_small(args):
+    """A CPU-sized LM for the demo: 4 layers, 256 wide, tied input/output embeddings."""
+    args.decoder_layers = getattr(args, "decoder_layers", 4)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 1024)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
+    qn_base_lm_architecture(args)

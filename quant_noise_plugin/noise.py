@@ -1,0 +1,69 @@
+"""Quant-Noise operators: plain torch, no fairseq.
+
+Both operators return a *new* tensor computed from ``weight`` (never written in place), so the
+stored parameter only changes in an optimizer step and gradients flow back to it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .scalar import fake_quantize
+
+
+def check_probability(p: float, flag: str, allow_one: bool = False) -> None:
+    """PQ noise rates live in [0, 1) (P=1 would divide by zero); scalar noise allows P=1 (QAT)."""
+    upper_ok = p <= 1.0 if allow_one else p < 1.0
+    if not (0.0 <= p and upper_ok):
+        raise ValueError(f"{flag}={p}: must be in [0, 1{']' if allow_one else ')'}")
+
+
+def block_mask(weight: Tensor, p: float, block_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Bernoulli(p) drop mask over blocks of ``block_size`` consecutive input weights.
+
+    Shape ``(rows, cols // block_size)``; True means the block is dropped.
+    """
+    rows, cols = weight.shape[0], weight[0].numel()
+    if cols % block_size:
+        raise ValueError(f"block size {block_size} does not divide input dimension {cols} (weight shape {tuple(weight.shape)})")
+    probs = torch.full((rows, cols // block_size), p, device=weight.device)
+    return torch.bernoulli(probs, generator=generator).bool()
+
+
+def pq_noise(weight: Tensor, p: float, block_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Drop a random P fraction of weight blocks and rescale the rest by 1/(1-P).
+
+    This is the PQ proxy of the paper: dropped blocks stand for blocks replaced by their centroid,
+    kept blocks receive unbiased gradients.  E[pq_noise(w)] = w.
+    """
+    if p <= 0:
+        return weight
+    rows = weight.shape[0]
+    drop = block_mask(weight, p, block_size, generator)
+    keep = (~drop).to(weight.dtype).unsqueeze(-1) / (1.0 - p)
+    blocks = weight.reshape(rows, -1, block_size)
+    return (blocks * keep).reshape(weight.shape)
+
+
+def scalar_noise(
+    weight: Tensor,
+    p: float,
+    bits: int,
+    per_channel: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Replace a random P fraction of weights by their int-``bits`` fake-quantized value.
+
+    Straight-through estimator: the forward value is quantized where selected, the gradient is
+    the identity everywhere. P=1 is plain quantization-aware training.
+    """
+    if p <= 0:
+        return weight
+    quantized = fake_quantize(weight.detach(), bits, per_channel)
+    delta = (quantized - weight.detach())
+    if p < 1:
+        selected = torch.bernoulli(torch.full_like(weight, p), generator=generator)
+        delta = delta * selected
+    return weight + delta

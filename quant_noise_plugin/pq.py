@@ -1,0 +1,86 @@
+"""Product-quantized weights: plain torch, no fairseq.
+
+A weight of shape (rows, cols) is cut into blocks of ``block_size`` consecutive input weights
+(the same blocks Quant-Noise drops); each block is replaced by one of ``n_centroids`` centroids
+shared by the whole layer.  Stored: the centroids (trainable) and one code per block (fixed, in the
+smallest integer type).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .bitpack import smallest_int_dtype
+from .kmeans import kmeans
+
+
+class _GatherWithMeanGrad(torch.autograd.Function):
+    """centroids[codes] whose backward averages (not sums) the gradients of each centroid's blocks.
+
+    The mean keeps the centroid step size independent of how many blocks share it, identically
+    for every layer type (the reference sums for Linear/Embedding but averages for Conv).
+    """
+
+    @staticmethod
+    def forward(ctx, centroids: Tensor, codes: Tensor) -> Tensor:
+        ctx.save_for_backward(codes)
+        ctx.n_centroids = centroids.shape[0]
+        return centroids[codes]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (codes,) = ctx.saved_tensors
+        grad_sum = grad.new_zeros(ctx.n_centroids, grad.shape[1]).index_add_(0, codes, grad)
+        counts = torch.bincount(codes, minlength=ctx.n_centroids).clamp_min(1).to(grad.dtype)
+        return grad_sum / counts.unsqueeze(1), None
+
+
+def check_pq_shape(name: str, shape: Sequence[int], block_size: int, n_centroids: int) -> None:
+    """One-line errors naming the layer when a block size or K cannot work for it."""
+    cols = shape[-1]
+    if block_size <= 0 or cols % block_size:
+        raise ValueError(f"layer {name} (shape {tuple(shape)}): block size {block_size} does not divide its input dimension {cols}")
+    n_blocks = math.prod(shape) // block_size
+    if not 1 <= n_centroids <= n_blocks:
+        raise ValueError(f"layer {name} (shape {tuple(shape)}): {n_centroids} centroids but only {n_blocks} blocks of size {block_size}")
+
+
+class PQCodebook(nn.Module):
+    """The PQ form of one weight tensor; ``forward()`` returns the dense weight it stands for."""
+
+    def __init__(self, shape: Sequence[int], block_size: int, n_centroids: int):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.block_size = int(block_size)
+        self.n_centroids = int(n_centroids)
+        n_blocks = math.prod(self.shape) // self.block_size
+        self.centroids = nn.Parameter(torch.zeros(self.n_centroids, self.block_size))
+        self.register_buffer("codes", torch.zeros(n_blocks, dtype=smallest_int_dtype(self.n_centroids)))
+        # Persistent so that a checkpoint says which layers are already quantized (resume, eval).
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @property
+    def n_blocks(self) -> int:
+        return self.codes.numel()
+
+    def blocks_of(self, weight: Tensor) -> Tensor:
+        return weight.detach().reshape(-1, self.block_size)
+
+    @torch.no_grad()
+    def fit(self, weight: Tensor, n_iter: int = 20, seed: int = 0, backend: str = "auto") -> float:
+        """k-means on the blocks of ``weight``; returns the final objective."""
+        result = kmeans(self.blocks_of(weight).float(), self.n_centroids, n_iter=n_iter, seed=seed, backend=backend)
+        self.centroids.copy_(result.centroids)
+        self.codes.copy_(result.assignments.to(self.codes.dtype))
+        self.fitted.fill_(True)
+        return result.objective
+
+    def forward(self) -> Tensor:
+        codes = self.codes.long()
+        return _GatherWithMeanGrad.apply(self.centroids, codes).reshape(self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, block_size={self.block_size}, n_centroids={self.n_centroids}, fitted={bool(self.fitted)}"

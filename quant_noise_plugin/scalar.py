@@ -1,0 +1,88 @@
+"""Affine int4/int8 scalar quantization of weights: plain torch, no fairseq.
+
+Codes are unsigned integers in [0, 2**bits - 1]; ``weight ~= (codes - zero_point) * scale``.
+Per-channel statistics are taken over each output row (dim 0), per-tensor over the whole weight.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (4, 8)
+
+
+def check_bits(bits: int, flag: str = "bits") -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{flag}={bits}: only {SUPPORTED_BITS} bits are supported")
+
+
+def affine_params(weight: Tensor, bits: int, per_channel: bool = False) -> Tuple[Tensor, Tensor]:
+    """Min-max observer: (scale, zero_point), shaped to broadcast against ``weight``."""
+    check_bits(bits)
+    qmax = 2**bits - 1
+    w = weight.detach().float()
+    if per_channel:
+        flat = w.reshape(w.shape[0], -1)
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        view = (-1,) + (1,) * (w.dim() - 1)
+    else:
+        lo, hi = w.min(), w.max()
+        view = (1,) * w.dim()
+    lo = torch.clamp(lo, max=0.0)  # keep 0 exactly representable
+    hi = torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / qmax, min=1e-8)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale.reshape(view), zero_point.reshape(view)
+
+
+def quantize(weight: Tensor, bits: int, per_channel: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Integer codes (uint8) and their (scale, zero_point)."""
+    scale, zero_point = affine_params(weight, bits, per_channel)
+    codes = torch.clamp(torch.round(weight.detach().float() / scale) + zero_point, 0, 2**bits - 1)
+    return codes.to(torch.uint8), scale, zero_point
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return (codes.float() - zero_point) * scale
+
+
+def fake_quantize(weight: Tensor, bits: int, per_channel: bool = False) -> Tensor:
+    """Quantize then dequantize, in ``weight``'s dtype (no gradient: callers add the STE)."""
+    codes, scale, zero_point = quantize(weight, bits, per_channel)
+    return dequantize(codes, scale, zero_point).to(weight.dtype)
+
+
+class ScalarCodes(torch.nn.Module):
+    """A weight stored as int-``bits`` codes with per-row (or per-tensor) scale and zero point.
+
+    ``forward()`` returns the dequantized weight; codes are kept unpacked (uint8) in memory and
+    bit-packed only on disk (see compressed.py).
+    """
+
+    def __init__(self, shape, bits: int, per_channel: bool = True):
+        super().__init__()
+        check_bits(bits)
+        self.shape = tuple(int(s) for s in shape)
+        self.bits = int(bits)
+        self.per_channel = bool(per_channel)
+        rows = self.shape[0] if per_channel else 1
+        view = (rows,) + (1,) * (len(self.shape) - 1)
+        self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(view))
+        self.register_buffer("zero_point", torch.zeros(view))
+
+    @torch.no_grad()
+    def fit(self, weight: Tensor) -> "ScalarCodes":
+        codes, scale, zero_point = quantize(weight, self.bits, self.per_channel)
+        self.codes.copy_(codes.reshape(self.shape))
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        return self
+
+    def forward(self) -> Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}, per_channel={self.per_channel}"

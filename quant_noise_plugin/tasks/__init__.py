@@ -1,0 +1,1 @@
+from . import ipq  # noqa: F401  (registration)
