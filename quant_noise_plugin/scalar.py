@@ -72,6 +72,7 @@ class ScalarCodes(torch.nn.Module):
         self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(view))
         self.register_buffer("zero_point", torch.zeros(view))
+        self.register_buffer("n_bits", torch.tensor(self.bits, dtype=torch.uint8))  # so a loader knows
 
     @torch.no_grad()
     def fit(self, weight: Tensor) -> "ScalarCodes":

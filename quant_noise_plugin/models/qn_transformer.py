@@ -9,10 +9,11 @@ from fairseq.models.transformer.transformer_legacy import (
 
 from ..fairseq_options import QuantNoiseExtraOptions, add_missing_args, disable_fairseq_builtin_noise, noise_config_of
 from ..quant_noise import apply_quant_noise_
+from .compressed_loading import CompressedLoadingMixin
 
 
 @register_model("qn_transformer")
-class QNTransformerModel(TransformerModel):
+class QNTransformerModel(CompressedLoadingMixin, TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)

@@ -22,6 +22,7 @@ from fairseq.models.transformer_lm import (
 
 from ..fairseq_options import QuantNoiseExtraOptions, disable_fairseq_builtin_noise, noise_config_of
 from ..quant_noise import apply_quant_noise_
+from .compressed_loading import CompressedLoadingMixin
 
 
 @dataclass
@@ -30,7 +31,7 @@ class QNTransformerLanguageModelConfig(TransformerLanguageModelConfig, QuantNois
 
 
 @register_model("qn_transformer_lm")
-class QNTransformerLanguageModel(TransformerLanguageModel):
+class QNTransformerLanguageModel(CompressedLoadingMixin, TransformerLanguageModel):
     @classmethod
     def add_args(cls, parser):
         gen_parser_from_dataclass(parser, QNTransformerLanguageModelConfig(), delete_default=True)

@@ -1,0 +1,234 @@
+"""iPQ tasks: ``--task ipq_language_modeling`` / ``--task ipq_translation``.
+
+fairseq's own tasks plus a schedule: at the first update of each stage the stage's layers are
+k-means'd into PQ codebooks, then the centroids and every parameter still in float are finetuned
+for the stage's updates. One ``fairseq-train`` invocation runs the whole schedule.
+
+Every codebook of the schedule is created (unfitted) when the model is built, so the set of
+parameters never changes during training: the optimizer, the trainer and a resumed run all see
+the same parameters, and which layers are quantized is part of the model's own state dict.
+The same tasks load compressed checkpoints for fairseq-eval-lm / fairseq-generate / the hub:
+the plugin architectures rebuild the compressed layers from the checkpoint's own keys.
+"""
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import register_task
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
+
+from ..compressed import PROVIDER_CHILDREN, attach_pq_plan, dense_fp32_bytes, fit_pq, is_fitted, layout_of, provider_of, size_rows
+from ..models.compressed_loading import CompressedLoadingMixin
+from ..schedule import ScheduleError, load_schedule, plan_schedule, schedule_from_dict, schedule_to_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IPQOptions(FairseqDataclass):
+    ipq_config: Optional[str] = field(default=None, metadata={"help": "YAML iPQ schedule (see configs/ipq/)"})
+    ipq_kmeans_backend: str = field(default="auto", metadata={"help": "k-means backend: auto, faiss or torch"})
+    ipq_distill_weight: float = field(
+        default=0.0, metadata={"help": "weight of a KL term to the uncompressed model's predictions while finetuning"}
+    )
+    ipq_distill_teacher: Optional[str] = field(
+        default=None, metadata={"help": "dense checkpoint used as distillation teacher (default: the model as restored)"}
+    )
+    max_update: int = II("optimization.max_update")
+    restore_file: str = II("checkpoint.restore_file")
+    reset_optimizer: bool = II("checkpoint.reset_optimizer")
+    save_dir: str = II("checkpoint.save_dir")
+
+
+class IPQTaskMixin:
+    """The schedule logic shared by the LM and translation tasks."""
+
+    def _ipq_init(self, cfg) -> None:
+        self.ipq_cfg = cfg
+        self.ipq_schedule = None
+        self.ipq_plans = []
+        self.ipq_model = None
+        self.teacher = None
+
+    # -- checkpoint state ---------------------------------------------------------------------
+
+    def state_dict(self):
+        state = dict(super().state_dict())
+        if self.ipq_model is not None:
+            state["ipq_layout"] = layout_of(self.ipq_model)  # informational: loaders read the state dict
+        if self.ipq_schedule is not None:
+            state["ipq_schedule"] = schedule_to_dict(self.ipq_schedule)
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("ipq_")})
+        if state_dict.get("ipq_schedule") is not None:
+            self.ipq_schedule = schedule_from_dict(state_dict["ipq_schedule"], "checkpoint task_state")
+
+    # -- model --------------------------------------------------------------------------------
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if from_checkpoint:
+            return model  # inference: the model rebuilds compressed layers from the checkpoint's keys
+        if not isinstance(model, CompressedLoadingMixin):
+            arch = getattr(cfg, "arch", None) or getattr(cfg, "_name", "?")
+            raise ScheduleError(
+                f"--arch {arch}: iPQ needs a plugin architecture so that fairseq tools can reload the compressed "
+                f"checkpoint; use --arch qn_{arch} (same parameters: {arch} checkpoints load into it)"
+            )
+        if not self.ipq_cfg.ipq_config:
+            raise ScheduleError(f"--task {self.task_name}: --ipq-config SCHEDULE.yaml is required for training")
+        self._check_run_flags()
+        self.ipq_schedule = load_schedule(self.ipq_cfg.ipq_config)
+        self.ipq_plans = plan_schedule(self.ipq_schedule, model, self.ipq_cfg.ipq_config)
+        for stage in self.ipq_plans:
+            for plan in stage.layers:
+                attach_pq_plan(model, plan)
+        model.register_load_state_dict_pre_hook(self._reject_foreign_quantization)
+        model.ipq_training = True
+        self.ipq_model = model
+        total = self.ipq_schedule.total_updates
+        if not self.ipq_cfg.max_update:
+            raise ScheduleError(f"{self.ipq_cfg.ipq_config}: the schedule needs {total} updates: set --max-update {total}")
+        if self.ipq_cfg.max_update < total:
+            logger.warning("--max-update %d stops before the schedule's %d updates; rerun with --max-update %d to finish", self.ipq_cfg.max_update, total, total)
+        for stage in self.ipq_plans:
+            logger.info(
+                "ipq stage %d (%s): updates %d-%d, %d weights: %s", stage.index, stage.name, stage.start_update,
+                stage.start_update + stage.updates - 1, len(stage.layers), ", ".join(p.name for p in stage.layers),
+            )
+        return model
+
+    @property
+    def task_name(self) -> str:
+        return getattr(self.ipq_cfg, "_name", None) or type(self).__name__
+
+    def _check_run_flags(self) -> None:
+        restore = self.ipq_cfg.restore_file
+        if restore and restore != "checkpoint_last.pt" and not self.ipq_cfg.reset_optimizer:
+            raise ScheduleError(
+                f"--restore-file {restore}: its optimizer state does not cover the PQ centroids; add --reset-optimizer "
+                f"--reset-dataloader --reset-meters --reset-lr-scheduler, or use --finetune-from-model {restore} (resumable)"
+            )
+        last = os.path.join(self.ipq_cfg.save_dir, "checkpoint_last.pt")
+        if restore and restore != "checkpoint_last.pt" and os.path.exists(last):
+            logger.warning("--restore-file %s restarts the schedule from scratch although %s exists; use --finetune-from-model to resume", restore, last)
+
+    def _reject_foreign_quantization(self, model, state_dict, prefix, *args) -> None:
+        """A --restore-file quantized by another schedule cannot be finetuned by this one."""
+        modules = dict(model.named_modules(remove_duplicate=False))
+        for key, value in state_dict.items():
+            for child in PROVIDER_CHILDREN:
+                marker = f".{child}."
+                if marker not in key or not key.endswith(".fitted" if child == "weight_pq" else ".codes"):
+                    continue
+                name = key[len(prefix):].split(marker)[0]
+                if child == "weight_pq" and not bool(value):
+                    continue
+                ours = provider_of(modules[name]) if name in modules else None
+                theirs_k = state_dict.get(key.replace(".fitted", ".centroids"))
+                if ours is None or child != "weight_pq" or (theirs_k is not None and tuple(theirs_k.shape) != tuple(ours.centroids.shape)):
+                    raise ScheduleError(
+                        f"checkpoint layer {name} is already quantized by another schedule"
+                        f"{'' if ours is None else ' (different block size / centroids)'}; start from the dense checkpoint"
+                    )
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _advance_schedule(self, model, update_num: int) -> None:
+        inner = getattr(model, "module", model)
+        for stage in self.ipq_plans:
+            if stage.start_update > update_num:
+                break
+            todo = [p for p in stage.layers if not is_fitted(provider_of(inner.get_submodule(p.name)))]
+            if not todo:
+                continue
+            if self.ipq_cfg.ipq_distill_weight > 0 and self.teacher is None:
+                self.teacher = self._build_teacher(inner)
+            for plan in todo:
+                objective = fit_pq(inner, plan, self.ipq_schedule.kmeans_iterations, self.ipq_schedule.seed, self.ipq_cfg.ipq_kmeans_backend)
+                logger.info("ipq stage %s: %s %s -> %d x %d centroids, k-means objective %.4g", stage.name, plan.name, plan.shape, plan.n_centroids, plan.block_size, objective)
+            compressed = sum(r.bytes for r in size_rows(inner))
+            dense = dense_fp32_bytes(inner)
+            logger.info(
+                "ipq stage %d (%s) quantized at update %d: model %.3f MB (fp16 rest) vs %.3f MB fp32, x%.1f",
+                stage.index, stage.name, update_num, compressed / 1e6, dense / 1e6, dense / compressed,
+            )
+
+    def _build_teacher(self, model):
+        if self.ipq_cfg.ipq_distill_teacher:
+            from fairseq import checkpoint_utils
+
+            models, _ = checkpoint_utils.load_model_ensemble([self.ipq_cfg.ipq_distill_teacher], task=None)
+            teacher = models[0]
+        elif any(is_fitted(provider_of(m)) for m in model.modules() if provider_of(m) is not None):
+            raise ScheduleError("--ipq-distill-weight: the model is already partly quantized (resumed run); pass --ipq-distill-teacher DENSE.pt")
+        else:
+            teacher = copy.deepcopy(model)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self._advance_schedule(model, update_num)
+        if self.ipq_cfg.ipq_distill_weight <= 0:
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        model.train()
+        model.set_num_updates(update_num)
+        captured = {}
+        inner = getattr(model, "module", model)
+        handle = inner.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
+        try:
+            loss, sample_size, logging_output = criterion(model, sample)
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            teacher_out = self.teacher(**sample["net_input"])
+        distill = self._distill_loss(inner, captured["out"], teacher_out, sample)
+        loss = loss + self.ipq_cfg.ipq_distill_weight * distill
+        logging_output["distill"] = distill.item()
+        if ignore_grad:
+            loss *= 0
+        optimizer.backward(loss)
+        return loss, sample_size, logging_output
+
+    def _distill_loss(self, model, student_out, teacher_out, sample):
+        """Token-summed KL(teacher || student), masked to real target tokens."""
+        student = model.get_normalized_probs(student_out, log_probs=True)
+        teacher = self.teacher.get_normalized_probs(teacher_out, log_probs=True)
+        mask = sample["target"].ne(self.target_dictionary.pad()).unsqueeze(-1)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="none")
+        return (kl * mask).sum()
+
+
+@dataclass
+class IPQLanguageModelingConfig(LanguageModelingConfig, IPQOptions):
+    pass
+
+
+@register_task("ipq_language_modeling", dataclass=IPQLanguageModelingConfig)
+class IPQLanguageModelingTask(IPQTaskMixin, LanguageModelingTask):
+    def __init__(self, args, dictionary, output_dictionary=None, targets=None):
+        super().__init__(args, dictionary, output_dictionary, targets)
+        self._ipq_init(args)
+
+
+@dataclass
+class IPQTranslationConfig(TranslationConfig, IPQOptions):
+    pass
+
+
+@register_task("ipq_translation", dataclass=IPQTranslationConfig)
+class IPQTranslationTask(IPQTaskMixin, TranslationTask):
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self._ipq_init(cfg)

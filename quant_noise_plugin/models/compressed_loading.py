@@ -1,0 +1,20 @@
+"""What makes a plugin architecture reload compressed checkpoints with stock fairseq tools."""
+from ..compressed import attach_from_state_dict
+
+
+class CompressedLoadingMixin:
+    """Rebuild compressed layers from the checkpoint's own keys before loading it.
+
+    fairseq-eval-lm / fairseq-generate / the hub build the model from its config (dense), then
+    call ``model.load_state_dict``; here, layers stored as PQ codes or int codes get their
+    provider first (and drop their dense Parameter), so the strict load matches.  During iPQ
+    training (``ipq_training``) the task has attached the schedule's codebooks itself and checks
+    the checkpoint against them, so nothing is inferred.
+    """
+
+    ipq_training = False
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        if not self.ipq_training:
+            attach_from_state_dict(self, state_dict, free_dense=True)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)

@@ -1,0 +1,218 @@
+"""The iPQ schedule: an ordered list of stages read from YAML into a typed omegaconf config.
+
+Each stage names its layers with a regex over module names (full match), sets block size and
+number of centroids per layer type (Linear, Embedding), and how many updates to finetune after
+quantizing them.  ``plan_schedule`` checks the schedule against a real model and says, in one
+line naming the culprit, what is wrong before any training starts.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from .bitpack import bits_for
+from .pq import check_pq_shape
+
+LAYER_TYPES = {"Linear": nn.Linear, "Embedding": nn.Embedding}
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run: the message names the file, key, stage or layer."""
+
+
+@dataclass
+class LayerTypeSettings:
+    block_size: int = 8
+    n_centroids: int = 256
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    layers: str = MISSING  # regex over module names, full match
+    updates: int = MISSING  # finetuning updates after quantizing this stage's layers
+    block_size: Dict[str, int] = field(default_factory=dict)  # per layer type, overrides defaults
+    n_centroids: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ScheduleConfig:
+    stages: List[StageConfig] = MISSING
+    defaults: Dict[str, LayerTypeSettings] = field(
+        default_factory=lambda: {"Linear": LayerTypeSettings(), "Embedding": LayerTypeSettings()}
+    )
+    kmeans_iterations: int = 20
+    seed: int = 0
+    # After the last stage, store the layers left in float and the centroids as int8 (or int4):
+    # the paper's "iPQ + int8". Applied by `quant-noise pack` (None: keep them fp16).
+    final_scalar_bits: Optional[int] = None
+
+    @property
+    def total_updates(self) -> int:
+        return sum(s.updates for s in self.stages)
+
+
+def _typed(node, schema, where: str):
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        reason = str(e).splitlines()[0]
+        raise ScheduleError(f"{where}{': key ' + key if key else ''}: {reason}") from None
+
+
+def schedule_from_dict(data, source: str = "<schedule>") -> ScheduleConfig:
+    """Type-check a parsed schedule; each stage is checked on its own so errors name it."""
+    data = OmegaConf.create(data) if not OmegaConf.is_config(data) else data
+    if not isinstance(data, DictConfig):
+        raise ScheduleError(f"{source}: a schedule is a mapping with a 'stages' list")
+    stages = data.get("stages")
+    if not isinstance(stages, ListConfig):
+        raise ScheduleError(f"{source}: key stages: missing, or not a list of stages")
+    rest = OmegaConf.create({k: v for k, v in data.items() if k != "stages"})
+    schedule = _typed(OmegaConf.merge(rest, {"stages": []}), ScheduleConfig, source)
+    schedule.stages = [_typed(stage, StageConfig, f"{source}: stage {i}") for i, stage in enumerate(stages)]
+    validate_schedule(schedule, source)
+    return schedule
+
+
+def load_schedule(path: str | Path) -> ScheduleConfig:
+    """Read and type-check a schedule YAML; unknown keys and wrong types are one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScheduleError(f"{path}: schedule file not found")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ScheduleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return schedule_from_dict(raw, str(path))
+
+
+def schedule_to_dict(schedule: ScheduleConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(schedule))
+
+
+def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
+    if not schedule.stages:
+        raise ScheduleError(f"{source}: key stages: the schedule has no stage")
+    for kind in schedule.defaults:
+        if kind not in LAYER_TYPES:
+            raise ScheduleError(f"{source}: key defaults.{kind}: unknown layer type (use {', '.join(LAYER_TYPES)})")
+    if schedule.final_scalar_bits not in (None, 4, 8):
+        raise ScheduleError(f"{source}: key final_scalar_bits: {schedule.final_scalar_bits} (use 4, 8 or null)")
+    names = set()
+    for i, stage in enumerate(schedule.stages):
+        where = f"{source}: stage {i} ({stage.name})"
+        if stage.name in names:
+            raise ScheduleError(f"{where}: duplicate stage name")
+        names.add(stage.name)
+        if stage.updates <= 0:
+            raise ScheduleError(f"{where}: key updates: must be > 0, got {stage.updates}")
+        try:
+            re.compile(stage.layers)
+        except re.error as e:
+            raise ScheduleError(f"{where}: key layers: invalid regex {stage.layers!r} ({e})") from None
+        for key in ("block_size", "n_centroids"):
+            for kind, value in getattr(stage, key).items():
+                if kind not in LAYER_TYPES:
+                    raise ScheduleError(f"{where}: key {key}.{kind}: unknown layer type (use {', '.join(LAYER_TYPES)})")
+                if value <= 0:
+                    raise ScheduleError(f"{where}: key {key}.{kind}: must be > 0, got {value}")
+
+
+@dataclass
+class LayerPlan:
+    """One weight to product-quantize; ``names`` lists every module sharing it (tied weights)."""
+
+    names: List[str]
+    kind: str
+    shape: List[int]
+    block_size: int
+    n_centroids: int
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def n_weights(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return bits_for(self.n_centroids) / self.block_size
+
+    @property
+    def compressed_bytes(self) -> float:
+        """Paper accounting: codes at log2(K) bits per block plus fp16 centroids."""
+        return self.n_weights / self.block_size * bits_for(self.n_centroids) / 8 + self.n_centroids * self.block_size * 2
+
+
+@dataclass
+class StagePlan:
+    index: int
+    name: str
+    updates: int
+    start_update: int
+    layers: List[LayerPlan]
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    for kind, cls in LAYER_TYPES.items():
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def quantizable_weights(model: nn.Module) -> Dict[int, List[str]]:
+    """id(weight Parameter) -> names of the Linear/Embedding modules using it (tied ones together)."""
+    groups: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight") if layer_kind(module) else None
+        if weight is not None and name not in groups.get(id(weight), []):
+            groups.setdefault(id(weight), []).append(name)
+    return groups
+
+
+def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<schedule>") -> List[StagePlan]:
+    """Match each stage against ``model``; raises ScheduleError naming the stage or layer."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    groups = list(quantizable_weights(model).values())
+    owner: Dict[str, str] = {}
+    plans, start = [], 0
+    for i, stage in enumerate(schedule.stages):
+        where = f"{source}: stage {i} ({stage.name})"
+        pattern = re.compile(stage.layers)
+        layers = []
+        for names in groups:
+            if not any(pattern.fullmatch(n) for n in names):
+                continue
+            if names[0] in owner:
+                raise ScheduleError(f"{where}: layer {names[0]} is already quantized by stage {owner[names[0]]}")
+            module = modules[names[0]]
+            kind = layer_kind(module)
+            defaults = schedule.defaults.get(kind, LayerTypeSettings())
+            block_size = stage.block_size.get(kind, defaults.block_size)
+            n_centroids = stage.n_centroids.get(kind, defaults.n_centroids)
+            shape = list(module.weight.shape)
+            try:
+                check_pq_shape(names[0], shape, block_size, n_centroids)
+            except ValueError as e:
+                raise ScheduleError(f"{where}: {e}") from None
+            owner[names[0]] = stage.name
+            layers.append(LayerPlan(names, kind, shape, block_size, n_centroids))
+        if not layers:
+            raise ScheduleError(
+                f"{where}: key layers: regex {stage.layers!r} matches no Linear/Embedding layer of the model "
+                f"(module names look like {next((n for ns in groups for n in ns), '?')!r})"
+            )
+        plans.append(StagePlan(i, stage.name, stage.updates, start, layers))
+        start += stage.updates
+    return plans
