@@ -2,9 +2,9 @@
 
 A compressed layer keeps its ordinary module (nn.Linear, nn.Embedding or a subclass); its weight
 comes from a child "provider" (``weight_pq``: PQCodebook, ``weight_int``: ScalarCodes) through
-weight_swap. Tied weights share one provider. The *layout* (a plain dict, saved in the
-checkpoint's ``task_state``) lists them, so a loader can rebuild the same modules before the
-state dict is loaded.
+weight_swap. Tied weights share one provider. The state dict names the providers
+(``<layer>.weight_pq.*``, ``<layer>.weight_int.*``) and their shapes give their sizes, so a
+loader rebuilds the same modules from the checkpoint alone (``attach_from_state_dict``).
 
 Two on-disk forms, both loaded by the same hooks:
 - training form (the iPQ task's checkpoints): codes in the smallest integer type, fp32 centroids;
@@ -227,11 +227,6 @@ def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = T
 
 # --- packed form and sizes -------------------------------------------------------------------
 
-# torch.save writes each tensor as a zip entry: a local header, a central-directory record and
-# alignment padding to 64 bytes. Measured on torch 2.13 files; used only to predict file sizes.
-ZIP_BYTES_PER_TENSOR = 200
-
-
 @dataclass
 class SizeRow:
     name: str
@@ -241,7 +236,6 @@ class SizeRow:
     n_centroids: Optional[int]
     bits_per_weight: float
     bytes: float
-    tensors: int  # number of tensors this row stores (for the container overhead)
 
 
 def _provider_rows(name: str, provider: nn.Module, centroid_bits: Optional[int]) -> SizeRow:
@@ -249,16 +243,13 @@ def _provider_rows(name: str, provider: nn.Module, centroid_bits: Optional[int])
     if isinstance(provider, PQCodebook):
         code_bytes = math.ceil(provider.n_blocks * bits_for(provider.n_centroids) / 8)
         k, d = provider.centroids.shape
-        if centroid_bits:
-            centroid_bytes, tensors = math.ceil(k * d * centroid_bits / 8) + 8, 4
-        else:
-            centroid_bytes, tensors = k * d * 2, 2
+        centroid_bytes = math.ceil(k * d * centroid_bits / 8) + 8 if centroid_bits else k * d * 2
         total = code_bytes + centroid_bytes + 1  # + the fitted flag
         method = "pq" + (f"+int{centroid_bits}" if centroid_bits else "")
-        return SizeRow(name, provider.shape, method, provider.block_size, provider.n_centroids, 8 * total / n, total, tensors + 1)
+        return SizeRow(name, provider.shape, method, provider.block_size, provider.n_centroids, 8 * total / n, total)
     rows = provider.scale.numel()
-    total = math.ceil(n * provider.bits / 8) + rows * 2 * 4
-    return SizeRow(name, provider.shape, f"int{provider.bits}", None, None, 8 * total / n, total, 3)
+    total = math.ceil(n * provider.bits / 8) + rows * 2 * 4 + 1  # codes, scale and zero point, n_bits
+    return SizeRow(name, provider.shape, f"int{provider.bits}", None, None, 8 * total / n, total)
 
 
 def size_rows(model: nn.Module, float_bytes: int = 2, centroid_bits: Optional[int] = None) -> List[SizeRow]:
@@ -284,7 +275,7 @@ def size_rows(model: nn.Module, float_bytes: int = 2, centroid_bits: Optional[in
             continue  # an unfitted codebook: not part of the model yet
         nbytes = tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
         label = f"fp{8 * float_bytes}" if tensor.is_floating_point() else str(tensor.dtype).replace("torch.", "")
-        rows.append(SizeRow(name, tuple(tensor.shape), label, None, None, 8 * nbytes / max(1, tensor.numel()), nbytes, 1))
+        rows.append(SizeRow(name, tuple(tensor.shape), label, None, None, 8 * nbytes / max(1, tensor.numel()), nbytes))
     return rows
 
 
@@ -317,33 +308,62 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     return total
 
 
+def _storage_key(tensor: Tensor):
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+
+
 @torch.no_grad()
 def pack_state_dict(model: nn.Module, float_dtype: torch.dtype = torch.float16, centroid_bits: Optional[int] = None) -> Dict[str, Tensor]:
-    """The model's state in the packed form; tensors shared by several keys stay shared."""
-    state = model.state_dict()
+    """The model's state in the packed form; tensors shared by several keys (tied) stay shared."""
     providers = {}
     for name, module in model.named_modules(remove_duplicate=False):
         provider = provider_of(module)
         if provider is not None and is_fitted(provider):
             for child in PROVIDER_CHILDREN:
                 if child in module._modules:
-                    providers[f"{name}.{child}." if name else f"{child}."] = provider
-    memo: Dict[int, Dict[str, Tensor]] = {}
+                    providers[f"{name}.{child}" if name else child] = provider
+    memo: Dict[tuple, Dict[str, Tensor]] = {}
     packed: Dict[str, Tensor] = {}
-    for key, tensor in state.items():
+    for key, tensor in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
-        provider = providers.get(prefix + ".")
+        provider = providers.get(prefix)
         if provider is not None:
-            converted = memo.get(id(tensor))
-            if converted is None:
-                converted = memo[id(tensor)] = _pack_provider_tensor(provider, leaf, tensor, float_dtype, centroid_bits)
-            for suffix, value in converted.items():
+            memo_key = (id(provider), leaf)
+            if memo_key not in memo:
+                memo[memo_key] = _pack_provider_tensor(provider, leaf, tensor, float_dtype, centroid_bits)
+            for suffix, value in memo[memo_key].items():
                 packed[f"{prefix}.{suffix}"] = value
             continue
-        if id(tensor) not in memo:
-            memo[id(tensor)] = {"": tensor.to(float_dtype) if tensor.is_floating_point() else tensor}
-        packed[key] = memo[id(tensor)][""]
+        memo_key = _storage_key(tensor)
+        if memo_key not in memo:
+            memo[memo_key] = {"": tensor.to(float_dtype) if tensor.is_floating_point() else tensor}
+        packed[key] = memo[memo_key][""]
     return packed
+
+
+def container_overhead_bytes(state: Dict) -> int:
+    """Bytes torch.save spends beside tensor data: the pickle (keys, cfg) and one zip entry per tensor.
+
+    Measured exactly by saving a skeleton of ``state`` whose tensors are empty (shared ones stay
+    shared), plus the worst-case 64-byte alignment padding of each non-empty tensor.
+    """
+    import io
+
+    memo: Dict[tuple, Tensor] = {}
+
+    def skeleton(value):
+        if isinstance(value, Tensor):
+            key = _storage_key(value)
+            if key not in memo:
+                memo[key] = torch.empty(0, dtype=value.dtype)
+            return memo[key]
+        if isinstance(value, dict):
+            return {k: skeleton(v) for k, v in value.items()}
+        return value
+
+    buffer = io.BytesIO()
+    torch.save(skeleton(state), buffer)
+    return buffer.getbuffer().nbytes + 32 * len(memo)  # on average half the 64-byte alignment
 
 
 def _pack_provider_tensor(provider, leaf: str, tensor: Tensor, float_dtype, centroid_bits) -> Dict[str, Tensor]:

@@ -1,0 +1,131 @@
+"""Reading and writing fairseq checkpoints safely: one-line errors, atomic writes, cfg rewrites."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .safe_load import allow_fairseq_checkpoint_classes
+
+PACKED_MARKER = "quant_noise"  # top-level key of packed checkpoints: {"packed": True, "format": 1}
+PLUGIN_ARCHS = {"transformer_lm": "qn_transformer_lm", "transformer": "qn_transformer"}
+PLUGIN_TASKS = {"language_modeling": "ipq_language_modeling", "translation": "ipq_translation"}
+PLUGIN_CRITERIONS = {"cross_entropy": "qn_cross_entropy", "label_smoothed_cross_entropy": "qn_label_smoothed_cross_entropy"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and says what to do."""
+
+
+def read_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """torch.load with weights_only=True (fairseq's classes allow-listed), with readable errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a torch checkpoint (truncated or corrupted?); re-create or re-copy it")
+    allow_fairseq_checkpoint_classes()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip member, an unknown class...
+        raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0][:200]}); re-create or re-copy it") from None
+    if not isinstance(state, dict) or "model" not in state or ("cfg" not in state and "args" not in state):
+        raise CheckpointError(f"{path}: not a fairseq checkpoint (no model/cfg entries)")
+    return state
+
+
+def write_checkpoint_atomically(state: Dict[str, Any], path: str | Path) -> int:
+    """Write next to ``path`` then rename, so a crash never leaves a half-written file. Returns bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path.stat().st_size
+
+
+def is_packed(state: Dict[str, Any]) -> bool:
+    return bool(state.get(PACKED_MARKER, {}).get("packed"))
+
+
+def _get(node, key, default=None):
+    if isinstance(node, argparse.Namespace):
+        return getattr(node, key, default)
+    return node.get(key, default) if node is not None else default
+
+
+def _set(node, key, value) -> None:
+    if isinstance(node, argparse.Namespace):
+        setattr(node, key, value)
+    else:
+        node[key] = value
+
+
+def model_name(cfg: Dict[str, Any]) -> Optional[str]:
+    model = cfg.get("model")
+    return _get(model, "_name") or _get(model, "arch")
+
+
+def use_plugin_names(cfg: Dict[str, Any]) -> None:
+    """Point a checkpoint's cfg at the plugin's architecture and task, which reload compressed layers."""
+    name = model_name(cfg)
+    if name in PLUGIN_ARCHS:
+        model = cfg["model"]
+        _set(model, "_name", PLUGIN_ARCHS[name])
+        _set(model, "arch", PLUGIN_ARCHS[name])
+    elif not str(name).startswith("qn_"):
+        raise CheckpointError(
+            f"architecture {name!r} has no plugin twin that can reload compressed layers "
+            f"(supported: {', '.join(sorted(PLUGIN_ARCHS.values()))})"
+        )
+
+
+def _coerce(dc, key: str, value):
+    """Legacy arch functions store False in some Optional[int] fields (base_shuffle); dataclasses reject that."""
+    field = dc.__dataclass_fields__.get(key)
+    if field is not None and isinstance(value, bool) and "int" in str(field.type) and "bool" not in str(field.type):
+        return int(value)
+    return value
+
+
+def use_stock_names(cfg: Dict[str, Any]) -> None:
+    """Rewrite a cfg for stock fairseq: stock arch/task/criterion names, no plugin-only keys."""
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+
+    stock_arch = {v: k for k, v in PLUGIN_ARCHS.items()}
+    model = cfg["model"]
+    fields = vars(model) if isinstance(model, argparse.Namespace) else dict(model)
+    name = fields.get("_name") or fields.get("arch")
+    name = stock_arch.get(name, name)
+    fields = {k: v for k, v in fields.items() if not k.startswith(("quant_noise_scalar_bits", "quant_noise_scalar_per", "quant_noise_exclude"))}
+    fields["_name"] = name
+    if "arch" in fields:
+        fields["arch"] = name
+    dc = MODEL_DATACLASS_REGISTRY.get(name)
+    if dc is not None:  # dataclass models reject unknown keys, and check types
+        fields = {k: _coerce(dc, k, v) for k, v in fields.items() if k in dc.__dataclass_fields__ or k == "_name"}
+    cfg["model"] = fields  # a plain dict: stock torch.load (weights_only) cannot read a Namespace
+    stock_task = {v: k for k, v in PLUGIN_TASKS.items()}
+    task = cfg.get("task")
+    if task is not None:
+        task = vars(task) if isinstance(task, argparse.Namespace) else dict(task)
+        task["_name"] = stock_task.get(task.get("_name"), task.get("_name"))
+        for key in ("ipq_config", "ipq_kmeans_backend", "ipq_distill_weight", "ipq_distill_teacher", "max_update", "restore_file", "reset_optimizer", "save_dir"):
+            task.pop(key, None)
+        cfg["task"] = task
+    stock_criterion = {v: k for k, v in PLUGIN_CRITERIONS.items()}
+    criterion = cfg.get("criterion")
+    if criterion is not None:
+        criterion = dict(criterion)
+        criterion["_name"] = stock_criterion.get(criterion.get("_name"), criterion.get("_name"))
+        cfg["criterion"] = {k: v for k, v in criterion.items() if not k.startswith("qn_")}

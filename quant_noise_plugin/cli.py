@@ -1,0 +1,247 @@
+"""The ``quant-noise`` command: size, schedule, pack, unpack, data."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+logger = logging.getLogger("quant_noise")
+
+
+def _load_model(state, path: str, data: Optional[str]):
+    """Build the checkpoint's model with fairseq (plugin registered) and load its weights."""
+    import quant_noise_plugin  # noqa: F401  (registers archs and tasks)
+    from fairseq import checkpoint_utils
+
+    from .checkpoints import CheckpointError
+
+    cfg = state["cfg"]
+    task_cfg = cfg["task"]
+    data_dir = data or (task_cfg.get("data") if isinstance(task_cfg, dict) else getattr(task_cfg, "data", None))
+    if not data_dir or not Path(str(data_dir).split(":")[0]).is_dir():
+        raise CheckpointError(f"{path}: its data directory {data_dir!r} (for the dictionaries) is not here; pass --data DIR")
+    import copy
+
+    from fairseq.dataclass.utils import overwrite_args_by_name
+    from omegaconf import OmegaConf
+
+    # What fairseq's load_checkpoint_to_cpu does after torch.load, on our already-validated state.
+    fairseq_state = dict(state)
+    fairseq_state["cfg"] = OmegaConf.create(copy.deepcopy(cfg), flags={"allow_objects": True})
+    overwrite_args_by_name(fairseq_state["cfg"], {"data": data_dir})
+    fairseq_state = checkpoint_utils._upgrade_state_dict(fairseq_state)
+    try:
+        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=fairseq_state)
+    except Exception as e:
+        raise CheckpointError(f"{path}: fairseq could not build/load its model ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    model = models[0]
+    model.eval()
+    return model, task
+
+
+def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optional[int] = None) -> dict:
+    """Per-layer rows and totals; the packed file is predicted as paper bytes + container overhead."""
+    from .compressed import container_overhead_bytes, dense_fp32_bytes, pack_state_dict, size_rows
+
+    rows = size_rows(model, centroid_bits=centroid_bits)
+    paper = sum(r.bytes for r in rows)
+    packed_form = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
+    packed_form["model"] = pack_state_dict(model, centroid_bits=centroid_bits)
+    dense = dense_fp32_bytes(model)
+    summary = {
+        "layers": [r.__dict__ | {"shape": list(r.shape)} for r in rows],
+        "dense_fp32_bytes": dense,
+        "compressed_bytes": paper,
+        "predicted_packed_file_bytes": paper + container_overhead_bytes(packed_form),
+        "compression_ratio": dense / paper if paper else None,
+    }
+    if path is not None:
+        summary["file_bytes"] = os.path.getsize(path)
+    return summary
+
+
+def _print_size(summary: dict, out=sys.stdout) -> None:
+    header = f"{'layer':48s} {'shape':>14s} {'method':>9s} {'bs':>3s} {'K':>5s} {'bits/w':>7s} {'bytes':>11s}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in summary["layers"]:
+        shape = "x".join(str(s) for s in r["shape"])
+        print(
+            f"{r['name'][:48]:48s} {shape:>14s} {r['method']:>9s} {r['block_size'] or '':>3} {r['n_centroids'] or '':>5} "
+            f"{r['bits_per_weight']:7.2f} {r['bytes']:11,.0f}",
+            file=out,
+        )
+    print("-" * len(header), file=out)
+    mb = 1e6
+    print(f"dense fp32 size:                  {summary['dense_fp32_bytes'] / mb:10.3f} MB", file=out)
+    print(f"compressed size (paper counting): {summary['compressed_bytes'] / mb:10.3f} MB", file=out)
+    print(f"packed file size (predicted):     {summary['predicted_packed_file_bytes'] / mb:10.3f} MB", file=out)
+    if "file_bytes" in summary:
+        print(f"this file on disk:                {summary['file_bytes'] / mb:10.3f} MB", file=out)
+    print(f"compression ratio (fp32 / compressed): x{summary['compression_ratio']:.1f}", file=out)
+
+
+def cmd_size(args) -> int:
+    from .checkpoints import PACKED_MARKER, is_packed, read_checkpoint
+
+    state = read_checkpoint(args.checkpoint)
+    model, _ = _load_model(state, args.checkpoint, args.data)
+    centroid_bits = state.get(PACKED_MARKER, {}).get("scalar_bits")  # packed centroids load back as floats
+    summary = _size_summary(model, state, args.checkpoint, centroid_bits=centroid_bits)
+    summary["packed"] = is_packed(state)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        print()
+    else:
+        _print_size(summary)
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from .bitpack import bits_for
+    from .checkpoints import read_checkpoint
+    from .compressed import dense_fp32_bytes, size_rows
+    from .schedule import load_schedule, plan_schedule
+
+    schedule = load_schedule(args.schedule)
+    state = read_checkpoint(args.checkpoint)
+    model, _ = _load_model(state, args.checkpoint, args.data)
+    plans = plan_schedule(schedule, model, args.schedule)
+    dense = dense_fp32_bytes(model)
+    size = sum(r.bytes for r in size_rows(model))  # fp16 everything
+    print(f"{args.schedule}: {len(plans)} stages, {schedule.total_updates} updates; start: {size / 1e6:.3f} MB fp16, {dense / 1e6:.3f} MB fp32")
+    for stage in plans:
+        print(f"\nstage {stage.index} '{stage.name}': updates {stage.start_update}..{stage.start_update + stage.updates - 1}")
+        for plan in stage.layers:
+            size += plan.compressed_bytes - plan.n_weights * 2
+            tied = f" (tied: {', '.join(plan.names[1:])})" if len(plan.names) > 1 else ""
+            print(
+                f"  {plan.name:46s} {'x'.join(map(str, plan.shape)):>12s} {plan.kind:9s} bs={plan.block_size:<3d} "
+                f"K={plan.n_centroids:<5d} {bits_for(plan.n_centroids) / plan.block_size:.2f} bits/w{tied}"
+            )
+        print(f"  -> predicted size after stage: {size / 1e6:.3f} MB (x{dense / size:.1f} vs fp32)")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .checkpoints import PACKED_MARKER, CheckpointError, is_packed, read_checkpoint, use_plugin_names, write_checkpoint_atomically
+    from .compressed import pack_state_dict, scalar_quantize_remaining_
+
+    state = read_checkpoint(args.checkpoint)
+    if is_packed(state):
+        raise CheckpointError(f"{args.checkpoint}: already packed; pack the training checkpoint it came from instead")
+    use_plugin_names(state["cfg"])
+    model, task = _load_model(state, args.checkpoint, args.data)
+    bits = args.scalar_bits
+    if bits is None and "ipq_schedule" in (state.get("task_state") or {}):
+        bits = state["task_state"]["ipq_schedule"].get("final_scalar_bits")
+    if bits:
+        done = scalar_quantize_remaining_(model, bits)
+        logger.info("int%d codes for %d layers left in float", bits, len(done))
+    packed = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
+    packed["model"] = pack_state_dict(model, centroid_bits=bits)
+    packed[PACKED_MARKER] = {"packed": True, "format": 1, "scalar_bits": bits, "source": os.path.basename(args.checkpoint)}
+    summary = _size_summary(model, packed, centroid_bits=bits)
+    nbytes = write_checkpoint_atomically(packed, args.output)
+    predicted = summary["predicted_packed_file_bytes"]
+    print(
+        f"packed {args.checkpoint} -> {args.output}: {nbytes / 1e6:.3f} MB on disk, predicted {predicted / 1e6:.3f} MB "
+        f"({100 * (nbytes - predicted) / predicted:+.1f}%), x{summary['dense_fp32_bytes'] / nbytes:.1f} smaller than fp32"
+    )
+    return 0
+
+
+def cmd_unpack(args) -> int:
+    import copy
+
+    import torch
+
+    from .checkpoints import PACKED_MARKER, read_checkpoint, use_stock_names, write_checkpoint_atomically
+
+    state = read_checkpoint(args.checkpoint)
+    model, _ = _load_model(state, args.checkpoint, args.data)
+    dense = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            from .compressed import PROVIDER_CHILDREN, provider_of
+
+            provider = provider_of(module)
+            if provider is not None:
+                dense[f"{name}.weight"] = provider().detach().float().clone()
+        for key, tensor in model.state_dict().items():
+            if not any(f".{c}." in key for c in PROVIDER_CHILDREN):
+                dense[key] = tensor.float() if tensor.is_floating_point() else tensor
+    out = {k: copy.deepcopy(v) for k, v in state.items() if k not in ("model", "last_optimizer_state", PACKED_MARKER)}
+    use_stock_names(out["cfg"])
+    if isinstance(out.get("task_state"), dict):
+        out["task_state"] = {k: v for k, v in out["task_state"].items() if not k.startswith("ipq_")}
+    out["model"] = dense
+    nbytes = write_checkpoint_atomically(out, args.output)
+    print(f"unpacked {args.checkpoint} -> {args.output}: dense, {nbytes / 1e6:.3f} MB, loads in stock fairseq without --user-dir")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data_prep import prepare
+
+    prepare(args.output, force=args.force, tiny=args.tiny)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quant-noise", description="Quant-Noise + iPQ compression for fairseq models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("size", help="per-layer size table and totals of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="data directory with the dictionaries (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_size)
+
+    p = sub.add_parser("schedule", help="show what an iPQ schedule would quantize, without training")
+    p.add_argument("checkpoint")
+    p.add_argument("schedule")
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("pack", help="inference-only checkpoint: bit-packed codes, fp16/int8 rest")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--data")
+    p.add_argument("--scalar-bits", type=int, choices=(4, 8), default=None, help="int codes for layers left in float and the centroids")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("unpack", help="dense checkpoint that stock fairseq loads without the plugin")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_unpack)
+
+    p = sub.add_parser("data", help="prepare the KJV LM and KJV/RV1909 translation corpora")
+    p.add_argument("--output", default="data")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--tiny", action="store_true", help="a small slice (for tests)")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from .checkpoints import CheckpointError
+    from .schedule import ScheduleError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ScheduleError, ValueError, FileExistsError, RuntimeError) as e:
+        print(f"quant-noise {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

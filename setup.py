@@ -1,0 +1,25 @@
+"""quant-noise: Quant-Noise training and iterative Product Quantization as a fairseq plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="quant-noise",
+    version="0.1.0",
+    description="Quant-Noise + iPQ extreme model compression for fairseq (plugin via --user-dir)",
+    packages=find_packages(include=["quant_noise_plugin", "quant_noise_plugin.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch==2.13.0",  # the CPU wheel on this machine; never let pip pick another build
+        # fairseq 0.12.2 does not import on Python >= 3.11 (dataclass mutable defaults);
+        # fairseq-fixed is fairseq's main branch packaged for 3.11+ (import name: fairseq).
+        "fairseq==0.12.2; python_version < '3.11'",
+        "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
+        "hydra-core>=1.0.7,<1.4",
+        "omegaconf>=2.0.5,<2.4",
+        "faiss-cpu",
+        "sacrebleu>=2.0",
+        "sentencepiece",
+        "numpy<2.3",
+    ],
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["quant-noise=quant_noise_plugin.cli:main"]},
+)
