@@ -238,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, ScheduleError, ValueError, FileExistsError, RuntimeError) as e:
+    except (CheckpointError, ScheduleError, ValueError, RuntimeError) as e:  # DataError is a RuntimeError
         print(f"quant-noise {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ config object that ``FairseqTask.build_model`` later passes to its own scalar qu
 fairseq's built-in rates in ``build_model`` really keeps fairseq's noise from firing (a
 dataclass-registered model only ever sees a merged copy).
 """
+import dataclasses
 from dataclasses import dataclass
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
@@ -53,9 +54,28 @@ def _extra_defaults(args):
             setattr(args, name, default)
 
 
+def _set_missing(args, name, value):
+    if getattr(args, name, None) is None:
+        setattr(args, name, value)
+
+
 @register_model_architecture("qn_transformer_lm", "qn_transformer_lm")
 def qn_base_lm_architecture(args):
-    base_lm_architecture(args)
+    """Exactly ``--arch transformer_lm``'s defaults (its dataclass'), not base_lm_architecture's.
+
+    One convenience: input/output dims follow --decoder-embed-dim unless given (transformer_lm
+    keeps 512 and fails at the first forward).
+    """
+    embed_dim = getattr(args, "decoder_embed_dim", None) or 512
+    _set_missing(args, "decoder_input_dim", embed_dim)
+    _set_missing(args, "decoder_output_dim", embed_dim)
+    for f in dataclasses.fields(TransformerLanguageModelConfig):
+        if hasattr(args, f.name) and getattr(args, f.name) is not None:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is dataclasses.MISSING or (isinstance(default, str) and default.startswith("${")):
+            continue
+        setattr(args, f.name, default)
     _extra_defaults(args)
 
 
@@ -80,4 +100,5 @@ def qn_transformer_lm_small(args):
     args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 1024)
     args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
     args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
-    qn_base_lm_architecture(args)
+    base_lm_architecture(args)
+    _extra_defaults(args)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny real-text slice (KJV / RV1909) made once per session, and CLI helpers."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = str(REPO / "quant_noise_plugin")
+BIN = Path(sys.executable).parent
+
+
+def run(cmd, check=True, **kwargs):
+    """Run a CLI from the venv; on failure show its output."""
+    exe = cmd[0]
+    if (BIN / exe).exists():
+        cmd = [str(BIN / exe), *cmd[1:]]
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    run(["quant-noise", "data", "--tiny", "--output", out])
+    return out
+
+
+# A small LM: 2 layers, 64 wide, tied embeddings; trains a few updates in seconds on 2 cores.
+TINY_LM = [
+    "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128",
+    "--decoder-attention-heads", "2", "--share-decoder-input-output-embed",
+]
+COMMON_TRAIN = [
+    "--optimizer", "adam", "--lr", "0.002", "--tokens-per-sample", "64", "--max-tokens", "1024",
+    "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "1", "--cpu", "--num-workers", "0",
+]
+
+
+def train_lm(data, save_dir, *extra, max_update=8, check=True):
+    return run(["fairseq-train", data, "--user-dir", PLUGIN, "--task", "language_modeling", *COMMON_TRAIN,
+                "--max-update", str(max_update), "--save-dir", save_dir, *extra], check=check)
+
+
+def eval_lm_ppl(data, path, *extra, subset="valid"):
+    result = run(["fairseq-eval-lm", data, "--path", path, "--cpu", "--max-tokens", "1024", "--tokens-per-sample", "64",
+                  "--gen-subset", subset, *extra])
+    line = [l for l in result.stderr.splitlines() if "Perplexity:" in l][-1]
+    return float(line.rsplit("Perplexity:", 1)[1])
+
+
+def last_valid_ppl(train_output: str) -> float:
+    lines = [l for l in train_output.splitlines() if "valid on 'valid' subset" in l]
+    return float(lines[-1].split("| ppl ")[1].split(" |")[0])
+
+
+@pytest.fixture(scope="session")
+def lm_data(tiny_data):
+    return tiny_data / "lm" / "bin"
+
+
+@pytest.fixture(scope="session")
+def dense_lm(lm_data, tmp_path_factory):
+    """A plainly trained qn_transformer_lm (noise off) to compress."""
+    save = tmp_path_factory.mktemp("dense_lm")
+    train_lm(lm_data, save, "--arch", "qn_transformer_lm", *TINY_LM, max_update=30)
+    return save / "checkpoint_last.pt"

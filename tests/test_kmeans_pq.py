@@ -1,0 +1,80 @@
+"""k-means, PQ codebooks and bit packing (plain torch)."""
+import pytest
+import torch
+
+from quant_noise_plugin.bitpack import pack_bits, smallest_int_dtype, unpack_bits
+from quant_noise_plugin.kmeans import assign, kmeans
+from quant_noise_plugin.pq import PQCodebook
+
+
+def _blocks(n=4096, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g)
+
+
+def test_torch_kmeans_objective_never_increases_and_beats_random_assignment():
+    x = _blocks()
+    result = kmeans(x, 64, n_iter=15, seed=0, backend="torch")
+    hist = result.history
+    assert all(b <= a + 1e-3 for a, b in zip(hist, hist[1:])), hist
+    random_centroids = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:64]]
+    _, random_dists = assign(x, random_centroids)
+    assert result.objective < 0.8 * random_dists.sum().item()
+    # the reported objective is the true one of the returned codebook
+    _, d = assign(x, result.centroids)
+    assert abs(d.sum().item() - result.objective) < 1e-3 * result.objective
+
+
+def test_faiss_kmeans_uses_every_block_and_is_deterministic():
+    x = _blocks(n=20000)
+    a = kmeans(x, 256, n_iter=10, seed=3, backend="faiss")
+    b = kmeans(x, 256, n_iter=10, seed=3, backend="faiss")
+    assert torch.equal(a.assignments, b.assignments)
+    t = kmeans(x, 256, n_iter=10, seed=3, backend="torch")
+    assert a.objective < 1.05 * t.objective
+    assert torch.bincount(a.assignments, minlength=256).min() > 0  # no empty cluster left
+
+
+def test_kmeans_handles_duplicate_points_and_rejects_too_many_centroids():
+    x = torch.zeros(100, 4)
+    x[50:] = 1.0
+    result = kmeans(x, 8, n_iter=5, backend="torch")
+    assert result.objective == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="32 centroids for only 16 blocks"):
+        kmeans(torch.randn(16, 4), 32)
+
+
+def test_pq_layer_reproduces_centroids_gathered_by_codes_exactly():
+    w = torch.randn(48, 32)
+    cb = PQCodebook(w.shape, 4, 16)
+    cb.fit(w, n_iter=10, backend="torch")
+    assert cb.codes.dtype == torch.uint8
+    expected = cb.centroids[cb.codes.long()].reshape(48, 32)
+    assert torch.equal(cb(), expected)
+    assert torch.equal(expected.reshape(-1, 4)[5], cb.centroids[int(cb.codes[5])])
+
+
+def test_centroid_gradient_is_the_mean_over_its_blocks():
+    cb = PQCodebook((4, 4), 2, 2)
+    with torch.no_grad():
+        cb.codes.copy_(torch.tensor([0, 0, 0, 1, 1, 0, 0, 0], dtype=torch.uint8))
+    grad = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    (cb() * grad).sum().backward()
+    blocks = grad.reshape(8, 2)
+    codes = cb.codes.long()
+    assert torch.allclose(cb.centroids.grad[0], blocks[codes == 0].mean(0))
+    assert torch.allclose(cb.centroids.grad[1], blocks[codes == 1].mean(0))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+def test_bit_packing_round_trips(bits):
+    codes = torch.randint(0, 2**bits, (1001,))
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (1001 * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, 1001), codes)
+
+
+def test_smallest_integer_types():
+    assert smallest_int_dtype(256) == torch.uint8
+    assert smallest_int_dtype(257) == torch.int16
+    assert smallest_int_dtype(70000) == torch.int32

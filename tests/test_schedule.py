@@ -1,0 +1,85 @@
+"""Schedule YAML parsing and validation against a model."""
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from quant_noise_plugin.schedule import ScheduleError, load_schedule, plan_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Module()
+        self.decoder.embed_tokens = nn.Embedding(100, 16)
+        self.decoder.layers = nn.ModuleList()
+        for _ in range(2):
+            layer = nn.Module()
+            layer.fc1, layer.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+            layer.self_attn = nn.Module()
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                setattr(layer.self_attn, p, nn.Linear(16, 16))
+            self.decoder.layers.append(layer)
+        self.decoder.output_projection = nn.Linear(16, 100, bias=False)
+        self.decoder.output_projection.weight = self.decoder.embed_tokens.weight
+
+
+def write(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_schedules_parse_and_match_their_models():
+    model = TinyLM()
+    schedule = load_schedule(REPO / "configs/ipq/qn_transformer_lm.yaml")
+    small = schedule
+    for d in small.defaults.values():
+        d.n_centroids = 16
+    plans = plan_schedule(small, model)
+    assert [p.name for p in plans] == ["ffn", "embeddings", "attention"]
+    assert [len(p.layers) for p in plans] == [4, 1, 8]
+    emb = plans[1].layers[0]
+    assert emb.names == ["decoder.embed_tokens", "decoder.output_projection"]  # tied: one codebook
+    assert plans[1].start_update == 300
+    for name in ("qn_transformer.yaml", "paper_lm_wiki103.yaml"):
+        load_schedule(REPO / "configs/ipq" / name)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("stages:\n  - {name: a, layers: 'x', updates: 1, colour: red}\n", "stage 0: key colour"),
+        ("stages:\n  - {name: a, layers: 'x', updates: ten}\n", "stage 0: key updates"),
+        ("seed: one\nstages: []\n", "key seed"),
+        ("stages:\n  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 0}\n", "stage 0 (a): key updates: must be > 0"),
+        ("stages: []\n", "the schedule has no stage"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 1, block_size: {Conv2d: 4}}\n", "key block_size.Conv2d"),
+        ("stages:\n  - {name: a, layers: '(', updates: 1}\n", "invalid regex"),
+    ],
+)
+def test_bad_yaml_is_a_one_line_error_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ScheduleError) as err:
+        load_schedule(write(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        # the reference's bug: a plain YAML scalar with \\. matches nothing -> must be an error
+        ("  - {name: a, layers: decoder\\\\.layers\\\\.\\\\d+\\\\.fc1, updates: 1}\n", "stage 0 (a): key layers: regex"),
+        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, block_size: {Linear: 5}}\n", "layer decoder.layers.0.fc1 (shape (32, 16)): block size 5"),
+        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, n_centroids: {Linear: 4096}}\n", "4096 centroids but only 128 blocks"),
+        ("  - {name: a, layers: 'decoder\\.layers\\.0\\.fc1', updates: 1}\n  - {name: b, layers: 'decoder\\.layers\\.\\d\\.fc1', updates: 1}\n",
+         "stage 1 (b): layer decoder.layers.0.fc1 is already quantized by stage a"),
+    ],
+)
+def test_schedule_that_does_not_fit_the_model_is_rejected(tmp_path, stages, message):
+    text = "defaults:\n  Linear: {block_size: 4, n_centroids: 16}\nstages:\n" + stages
+    schedule = load_schedule(write(tmp_path, text))
+    with pytest.raises(ScheduleError) as err:
+        plan_schedule(schedule, TinyLM(), "s.yaml")
+    assert message in str(err.value)
