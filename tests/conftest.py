@@ -16,9 +16,10 @@ def run(cmd, check=True, **kwargs):
     exe = cmd[0]
     if (BIN / exe).exists():
         cmd = [str(BIN / exe), *cmd[1:]]
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO, **kwargs)
+    result = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, **kwargs)
+    result.output = result.stdout  # stdout and stderr together: fairseq logs to either
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.output[-8000:]}")
     return result
 
 
@@ -48,7 +49,7 @@ def train_lm(data, save_dir, *extra, max_update=8, check=True):
 def eval_lm_ppl(data, path, *extra, subset="valid"):
     result = run(["fairseq-eval-lm", data, "--path", path, "--cpu", "--max-tokens", "1024", "--tokens-per-sample", "64",
                   "--gen-subset", subset, *extra])
-    line = [l for l in result.stderr.splitlines() if "Perplexity:" in l][-1]
+    line = [l for l in result.output.splitlines() if "Perplexity:" in l][-1]
     return float(line.rsplit("Perplexity:", 1)[1])
 
 

@@ -10,7 +10,6 @@ the same parameters, and which layers are quantized is part of the model's own s
 The same tasks load compressed checkpoints for fairseq-eval-lm / fairseq-generate / the hub:
 the plugin architectures rebuild the compressed layers from the checkpoint's own keys.
 """
-import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -76,6 +75,7 @@ class IPQTaskMixin:
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        self._model_cfg = cfg
         if from_checkpoint:
             return model  # inference: the model rebuilds compressed layers from the checkpoint's keys
         if not isinstance(model, CompressedLoadingMixin):
@@ -171,8 +171,11 @@ class IPQTaskMixin:
             teacher = models[0]
         elif any(is_fitted(provider_of(m)) for m in model.modules() if provider_of(m) is not None):
             raise ScheduleError("--ipq-distill-weight: the model is already partly quantized (resumed run); pass --ipq-distill-teacher DENSE.pt")
-        else:
-            teacher = copy.deepcopy(model)
+        else:  # a fresh dense model holding the weights as restored (nothing is quantized yet)
+            teacher = super().build_model(self._model_cfg)
+            dense_state = {k: v for k, v in model.state_dict().items() if not any(f".{c}." in k for c in PROVIDER_CHILDREN)}
+            teacher.load_state_dict(dense_state)
+            teacher.to(next(model.parameters()).device)
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)

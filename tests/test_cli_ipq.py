@@ -1,0 +1,152 @@
+"""iPQ through fairseq-train, compressed checkpoints through fairseq-eval-lm and quant-noise."""
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import PLUGIN, TINY_LM, eval_lm_ppl, last_valid_ppl, run, train_lm
+
+SCHEDULE = """
+defaults:
+  Linear: {block_size: 4, n_centroids: 16}
+  Embedding: {block_size: 4, n_centroids: 16}
+kmeans_iterations: 10
+stages:
+  - name: ffn
+    layers: 'decoder\\.layers\\.\\d+\\.fc[12]'
+    updates: 3
+  - name: attention_and_embeddings
+    layers: 'decoder\\.(layers\\.\\d+\\.self_attn\\.(q|k|v|out)_proj|embed_tokens)'
+    updates: 3
+"""
+
+
+def ipq_train(data, save, dense, schedule_path, *extra, max_update=6, check=True):
+    return train_lm(data, save, "--task", "ipq_language_modeling", "--ipq-config", schedule_path, "--finetune-from-model", dense,
+                    "--arch", "qn_transformer_lm", *TINY_LM, "--lr", "0.0005", *extra, max_update=max_update, check=check)
+
+
+@pytest.fixture(scope="module")
+def schedule_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("schedule") / "two_stages.yaml"
+    path.write_text(SCHEDULE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ipq(lm_data, dense_lm, schedule_file, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ipq")
+    result = ipq_train(lm_data, save, dense_lm, schedule_file)
+    return save, result.output
+
+
+def test_schedule_runs_stage_by_stage_and_eval_lm_matches_training(ipq, lm_data):
+    save, output = ipq
+    assert "ipq stage 0 (ffn) quantized at update 0" in output
+    assert "ipq stage 1 (attention_and_embeddings) quantized at update 3" in output
+    ppl = eval_lm_ppl(lm_data, save / "checkpoint_last.pt", "--user-dir", PLUGIN)
+    assert ppl == pytest.approx(last_valid_ppl(output), rel=5e-3)
+
+
+def test_checkpoint_stores_codes_not_dense_weights(ipq):
+    state = torch.load(ipq[0] / "checkpoint_last.pt", weights_only=False)["model"]
+    assert "decoder.layers.0.fc1.weight" not in state and "decoder.embed_tokens.weight" not in state
+    assert state["decoder.layers.0.fc1.weight_pq.codes"].dtype == torch.uint8
+    assert state["decoder.layers.0.fc1.weight_pq.centroids"].shape == (16, 4)
+    # tied embeddings / output projection: one codebook, stored once
+    assert state["decoder.output_projection.weight_pq.centroids"].data_ptr() == state["decoder.embed_tokens.weight_pq.centroids"].data_ptr()
+
+
+def test_pack_size_matches_prediction_and_eval_matches(ipq, lm_data, tmp_path):
+    save, output = ipq
+    packed = tmp_path / "packed.pt"
+    run(["quant-noise", "pack", save / "checkpoint_last.pt", packed])
+    report = json.loads(run(["quant-noise", "size", packed, "--json"]).stdout.split("\n", 0)[0][run(["quant-noise", "size", packed, "--json"]).stdout.index("{"):])
+    assert report["packed"] is True
+    assert abs(report["file_bytes"] - report["predicted_packed_file_bytes"]) <= 0.05 * report["file_bytes"]
+    state = torch.load(packed, weights_only=False)
+    assert "last_optimizer_state" not in state
+    model = state["model"]
+    assert model["decoder.layers.0.fc1.weight_pq.codes_packed"].dtype == torch.uint8  # 4-bit codes, two a byte
+    assert model["decoder.layers.0.fc1.weight_pq.codes_packed"].numel() == 128 * 64 // 4 // 2
+    assert model["decoder.layers.0.fc1.weight_pq.centroids"].dtype == torch.float16
+    ppl = eval_lm_ppl(lm_data, packed, "--user-dir", PLUGIN)
+    assert ppl == pytest.approx(last_valid_ppl(output), rel=1e-2)
+    again = run(["quant-noise", "pack", packed, tmp_path / "twice.pt"], check=False)
+    assert again.returncode == 2 and "already packed" in again.output and not (tmp_path / "twice.pt").exists()
+
+
+LOGITS = """
+import sys, torch
+if sys.argv[3] == "plugin":
+    import quant_noise_plugin
+from fairseq import checkpoint_utils
+models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([sys.argv[1]], arg_overrides={"data": sys.argv[2]})
+model = models[0].eval()
+tokens = torch.arange(4, 36).reshape(2, 16)
+torch.save(model(tokens)[0], sys.argv[4])
+"""
+
+
+def test_unpack_gives_a_checkpoint_stock_fairseq_loads_with_the_same_logits(ipq, lm_data, tmp_path):
+    save, _ = ipq
+    dense = tmp_path / "dense.pt"
+    run(["quant-noise", "unpack", save / "checkpoint_last.pt", dense])
+    run([sys.executable, "-c", LOGITS, save / "checkpoint_last.pt", lm_data, "plugin", tmp_path / "a.pt"])
+    run([sys.executable, "-c", LOGITS, dense, lm_data, "stock", tmp_path / "b.pt"])  # no plugin imported
+    assert torch.allclose(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"), atol=1e-4)
+    ppl_stock = eval_lm_ppl(lm_data, dense)
+    ppl_plugin = eval_lm_ppl(lm_data, save / "checkpoint_last.pt", "--user-dir", PLUGIN)
+    assert ppl_stock == pytest.approx(ppl_plugin, rel=1e-4)
+
+
+def test_interrupted_schedule_resumes_to_the_same_result(ipq, lm_data, dense_lm, schedule_file, tmp_path):
+    first = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, max_update=4)  # "killed" inside stage 2
+    assert "quantized at update 3" in first.output
+    second = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, max_update=6)  # same command again
+    assert "Loaded checkpoint" in second.output and "quantized at update" not in second.output
+    resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)["model"]
+    straight = torch.load(ipq[0] / "checkpoint_last.pt", weights_only=False)["model"]
+    assert sorted(resumed) == sorted(straight)
+    for key in straight:
+        assert torch.allclose(resumed[key].float(), straight[key].float(), atol=1e-5), key
+
+
+def test_restore_file_quantized_by_another_schedule_is_rejected(ipq, lm_data, tmp_path, schedule_file):
+    other = tmp_path / "other.yaml"
+    other.write_text(SCHEDULE.replace("n_centroids: 16", "n_centroids: 8"))
+    result = ipq_train(lm_data, tmp_path / "run", ipq[0] / "checkpoint_last.pt", other, check=False)
+    assert result.returncode != 0
+    assert "is already quantized by another schedule" in result.output
+
+
+def test_schedule_errors_stop_before_training(lm_data, dense_lm, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - {name: ffn, layers: decoder\\\\.layers\\\\.\\\\d+\\\\.fc1, updates: 2}\n")
+    result = ipq_train(lm_data, tmp_path / "run", dense_lm, bad, check=False)
+    assert result.returncode != 0 and "stage 0 (ffn): key layers: regex" in result.output
+    assert "num_updates" not in result.output
+
+
+def test_schedule_command_previews_stages(dense_lm, schedule_file):
+    out = run(["quant-noise", "schedule", dense_lm, schedule_file]).stdout
+    assert "stage 0 'ffn': updates 0..2" in out and "stage 1 'attention_and_embeddings': updates 3..5" in out
+    assert "decoder.layers.1.fc2" in out and "bs=4" in out and "K=16" in out and "1.00 bits/w" in out
+    assert "(tied: decoder.output_projection)" in out
+    assert out.count("predicted size after stage") == 2
+
+
+def test_damaged_checkpoints_get_one_line_errors(dense_lm, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(dense_lm.read_bytes()[: 5000])
+    result = run(["quant-noise", "size", broken], check=False)
+    assert result.returncode == 2
+    assert f"{broken}: not a torch checkpoint (truncated or corrupted?)" in result.output
+    result = run(["quant-noise", "pack", tmp_path / "missing.pt", tmp_path / "out.pt"], check=False)
+    assert result.returncode == 2 and "no such checkpoint file" in result.output
+
+
+def test_distillation_from_the_uncompressed_model(lm_data, dense_lm, schedule_file, tmp_path):
+    result = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, "--ipq-distill-weight", "1.0", max_update=2)
+    assert "distill" in result.output
