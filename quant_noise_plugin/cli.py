@@ -162,14 +162,13 @@ def cmd_unpack(args) -> int:
     import torch
 
     from .checkpoints import PACKED_MARKER, read_checkpoint, use_stock_names, write_checkpoint_atomically
+    from .compressed import PROVIDER_CHILDREN, provider_of
 
     state = read_checkpoint(args.checkpoint)
     model, _ = _load_model(state, args.checkpoint, args.data)
     dense = {}
     with torch.no_grad():
-        for name, module in model.named_modules():
-            from .compressed import PROVIDER_CHILDREN, provider_of
-
+        for name, module in model.named_modules(remove_duplicate=False):
             provider = provider_of(module)
             if provider is not None:
                 dense[f"{name}.weight"] = provider().detach().float().clone()
@@ -231,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    quiet = getattr(args, "json", False)  # keep stdout machine-readable
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .checkpoints import CheckpointError
     from .schedule import ScheduleError
 

@@ -62,7 +62,8 @@ def test_pack_size_matches_prediction_and_eval_matches(ipq, lm_data, tmp_path):
     save, output = ipq
     packed = tmp_path / "packed.pt"
     run(["quant-noise", "pack", save / "checkpoint_last.pt", packed])
-    report = json.loads(run(["quant-noise", "size", packed, "--json"]).stdout.split("\n", 0)[0][run(["quant-noise", "size", packed, "--json"]).stdout.index("{"):])
+    out = run(["quant-noise", "size", packed, "--json"]).output
+    report = json.loads(out[out.index("{"):])
     assert report["packed"] is True
     assert abs(report["file_bytes"] - report["predicted_packed_file_bytes"]) <= 0.05 * report["file_bytes"]
     state = torch.load(packed, weights_only=False)
@@ -73,9 +74,21 @@ def test_pack_size_matches_prediction_and_eval_matches(ipq, lm_data, tmp_path):
     assert model["decoder.layers.0.fc1.weight_pq.centroids"].dtype == torch.float16
     ppl = eval_lm_ppl(lm_data, packed, "--user-dir", PLUGIN)
     assert ppl == pytest.approx(last_valid_ppl(output), rel=1e-2)
+    hub = run([sys.executable, "-c", HUB, tmp_path, packed.name, lm_data, PLUGIN]).output
+    assert "hub log-prob" in hub and "compressed layers 13" in hub  # 4 FFN + 8 attention + 1 tied embedding
     again = run(["quant-noise", "pack", packed, tmp_path / "twice.pt"], check=False)
     assert again.returncode == 2 and "already packed" in again.output and not (tmp_path / "twice.pt").exists()
 
+
+HUB = """
+import sys
+from fairseq.models.transformer_lm import TransformerLanguageModel
+from quant_noise_plugin.compressed import provider_of
+hub = TransformerLanguageModel.from_pretrained(sys.argv[1], sys.argv[2], data_name_or_path=sys.argv[3], user_dir=sys.argv[4])
+providers = {id(provider_of(m)) for m in hub.models[0].modules() if provider_of(m) is not None}
+print("compressed layers", len(providers))
+print("hub log-prob", float(hub.score("And God said , Let there be light")["positional_scores"].mean()))
+"""
 
 LOGITS = """
 import sys, torch

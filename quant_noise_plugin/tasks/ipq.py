@@ -126,20 +126,18 @@ class IPQTaskMixin:
         """A --restore-file quantized by another schedule cannot be finetuned by this one."""
         modules = dict(model.named_modules(remove_duplicate=False))
         for key, value in state_dict.items():
-            for child in PROVIDER_CHILDREN:
-                marker = f".{child}."
-                if marker not in key or not key.endswith(".fitted" if child == "weight_pq" else ".codes"):
-                    continue
-                name = key[len(prefix):].split(marker)[0]
-                if child == "weight_pq" and not bool(value):
-                    continue
-                ours = provider_of(modules[name]) if name in modules else None
-                theirs_k = state_dict.get(key.replace(".fitted", ".centroids"))
-                if ours is None or child != "weight_pq" or (theirs_k is not None and tuple(theirs_k.shape) != tuple(ours.centroids.shape)):
-                    raise ScheduleError(
-                        f"checkpoint layer {name} is already quantized by another schedule"
-                        f"{'' if ours is None else ' (different block size / centroids)'}; start from the dense checkpoint"
-                    )
+            if key.endswith(".weight_int.codes"):  # int8/int4 layers come from `pack`, never from a schedule
+                raise ScheduleError(f"checkpoint layer {key[:-len('.weight_int.codes')]} is scalar-quantized (a packed file?); start from the training checkpoint")
+            if not key.endswith(".weight_pq.fitted") or not bool(value):
+                continue
+            name = key[len(prefix):-len(".weight_pq.fitted")]
+            ours = provider_of(modules[name]) if name in modules else None
+            theirs = state_dict.get(key[: -len("fitted")] + "centroids")
+            if ours is None or theirs is None or tuple(theirs.shape) != tuple(ours.centroids.shape):
+                raise ScheduleError(
+                    f"checkpoint layer {name} is already quantized by another schedule ({'not in this one' if ours is None else 'other block size / centroids'}); "
+                    f"start from the dense checkpoint"
+                )
 
     # -- training -------------------------------------------------------------------------------
 

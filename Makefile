@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Both set themselves up.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
+
+.PHONY: setup test demo reproduce bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to 2.13.0 in setup.py and installed first, so pip takes the local CPU wheel and
+# nothing can pull another torch build; fairseq-fixed compiles once (~5 min), then pip's cache is used.
+$(STAMP): setup.py
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (the stack is Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test,plot]"
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/demo.py
+
+reproduce: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/reproduce.py
+
+bench: setup
+	$(BIN)/python benchmarks/bench_kmeans.py
+	$(BIN)/python benchmarks/bench_noise_throughput.py
+	$(BIN)/python benchmarks/bench_eval_memory.py
+
+clean:
+	rm -rf checkpoints work_dirs
