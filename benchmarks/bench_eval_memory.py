@@ -49,8 +49,10 @@ def main():
         raise SystemExit("run `make demo` first (needs checkpoints/demo/kjv_lm_ipq.packed.pt)")
     dense = DEMO / "kjv_lm_ipq.dense.pt"
     subprocess.run([str(BIN / "quant-noise"), "unpack", str(packed), str(dense)], check=True, capture_output=True)
-    runs = {"dense fp32, inference-only (unpacked)": dense, "dense training checkpoint (with Adam state)": DEMO / "dense/checkpoint_last.pt",
-            "packed iPQ": packed}
+    trained = sorted(DEMO.glob("dense-*/checkpoint_last.pt"))
+    runs = {"dense fp32, inference-only (unpacked)": dense, "packed iPQ": packed}
+    if trained:
+        runs["dense training checkpoint (with Adam state)"] = trained[-1]
     results = {}
     for name, path in runs.items():
         print(f"evaluating {name} ...", flush=True)

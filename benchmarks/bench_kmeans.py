@@ -24,9 +24,10 @@ from quant_noise_plugin.kmeans import kmeans  # noqa: E402
 
 def weights(shape, seed=0):
     """Real trained weights where the demo left a checkpoint (FFN layers), tiled to ``shape``."""
-    ckpt = REPO / "checkpoints/demo/dense/checkpoint_last.pt"
+    found = sorted((REPO / "checkpoints/demo").glob("dense-*/checkpoint_last.pt"))
     g = torch.Generator().manual_seed(seed)
-    if ckpt.exists():
+    if found:
+        ckpt = found[-1]
         import argparse as ap
 
         torch.serialization.add_safe_globals([ap.Namespace])

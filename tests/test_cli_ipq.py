@@ -87,7 +87,9 @@ from quant_noise_plugin.compressed import provider_of
 hub = TransformerLanguageModel.from_pretrained(sys.argv[1], sys.argv[2], data_name_or_path=sys.argv[3], user_dir=sys.argv[4])
 providers = {id(provider_of(m)) for m in hub.models[0].modules() if provider_of(m) is not None}
 print("compressed layers", len(providers))
-print("hub log-prob", float(hub.score("And God said , Let there be light")["positional_scores"].mean()))
+tokens = hub.encode("And God said , Let there be light")
+lprobs = hub.models[0].get_normalized_probs(hub.models[0](tokens[None, :-1]), log_probs=True)[0]
+print("hub log-prob", float(lprobs.gather(-1, tokens[1:, None]).mean()))
 """
 
 LOGITS = """
