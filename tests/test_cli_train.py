@@ -45,7 +45,7 @@ def test_hydra_entry_point_with_shipped_config(lm_data, tmp_path):
         "fairseq-hydra-train", "--config-dir", "configs/hydra", "--config-name", "kjv_lm_quant_noise",
         f"task.data={lm_data}", f"common.user_dir={PLUGIN}", f"checkpoint.save_dir={tmp_path}",
         "optimization.max_update=3", "model.decoder_layers=1", "model.decoder_embed_dim=64", "model.decoder_ffn_embed_dim=128",
-        "task.tokens_per_sample=64", "dataset.max_tokens=512", "common.log_interval=1",
+        "task.tokens_per_sample=64", "dataset.max_tokens=512", "common.log_interval=1", f"hydra.run.dir={tmp_path}/hydra",
     ])
     assert "quant-noise: pq=0.1 (block 8)" in result.output
     assert (tmp_path / "checkpoint_last.pt").exists()
