@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from itertools import chain
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from .bitpack import bits_for, pack_bits, unpack_bits
 from .pq import PQCodebook
 from .scalar import ScalarCodes, dequantize, quantize
-from .schedule import LayerPlan, layer_kind, quantizable_weights
+from .schedule import LayerPlan, quantizable_weights
 from .weight_swap import add_weight_fn, route_attention_through_projections
 
 PQ_CHILD = "weight_pq"
@@ -252,60 +253,53 @@ def _provider_rows(name: str, provider: nn.Module, centroid_bits: Optional[int])
     return SizeRow(name, provider.shape, f"int{provider.bits}", None, None, 8 * total / n, total)
 
 
-def size_rows(model: nn.Module, float_bytes: int = 2, centroid_bits: Optional[int] = None) -> List[SizeRow]:
-    """Every stored tensor of the model, grouped by layer, counted once even when tied."""
-    rows: List[SizeRow] = []
-    seen: set = set()
-    provider_names = {}
+def _stored_parts(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, Tensor]]]:
+    """What a compressed model stores, each once: (name, fitted provider) and (name, other tensor).
+
+    Tied weights share one provider; a training model's stale dense copy of a quantized weight and
+    unfitted codebooks (layers of later iPQ stages) are not part of the model.
+    """
+    providers, seen = [], set()
     for name, module in model.named_modules():
         provider = provider_of(module)
-        if provider is not None and is_fitted(provider) and id(provider) not in seen:
+        if provider is None or not is_fitted(provider):
+            continue
+        if module._parameters.get("weight") is not None:
+            seen.add(id(module._parameters["weight"]))
+        if id(provider) not in seen:
             seen.add(id(provider))
-            provider_names[id(provider)] = name
-            rows.append(_provider_rows(name, provider, centroid_bits))
-            for tensor in list(provider.parameters()) + list(provider.buffers()):
-                seen.add(id(tensor))
-        if provider is not None and is_fitted(provider) and module._parameters.get("weight") is not None:
-            seen.add(id(module._parameters["weight"]))  # the stale dense copy a training model keeps
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(tensor) in seen or not _is_persistent(model, name):
+            seen.update(id(t) for t in chain(provider.parameters(), provider.buffers()))
+            providers.append((name, provider))
+    tensors = []
+    for name, tensor in chain(model.named_parameters(), model.named_buffers()):
+        if id(tensor) in seen or not _is_persistent(model, name) or any(f".{c}." in f".{name}" for c in PROVIDER_CHILDREN):
             continue
         seen.add(id(tensor))
-        if any(f".{c}." in f".{name}" for c in PROVIDER_CHILDREN):
-            continue  # an unfitted codebook: not part of the model yet
+        tensors.append((name, tensor))
+    return providers, tensors
+
+
+def size_rows(model: nn.Module, float_bytes: int = 2, centroid_bits: Optional[int] = None) -> List[SizeRow]:
+    """Every stored tensor of the model, grouped by layer, counted once even when tied."""
+    providers, tensors = _stored_parts(model)
+    rows = [_provider_rows(name, provider, centroid_bits) for name, provider in providers]
+    for name, tensor in tensors:
         nbytes = tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
         label = f"fp{8 * float_bytes}" if tensor.is_floating_point() else str(tensor.dtype).replace("torch.", "")
         rows.append(SizeRow(name, tuple(tensor.shape), label, None, None, 8 * nbytes / max(1, tensor.numel()), nbytes))
     return rows
 
 
+def dense_fp32_bytes(model: nn.Module) -> int:
+    """The uncompressed model at 4 bytes a weight (tied weights once, compressed layers at full size)."""
+    providers, tensors = _stored_parts(model)
+    return 4 * (sum(math.prod(p.shape) for _, p in providers) + sum(t.numel() for _, t in tensors if t.is_floating_point()))
+
+
 def _is_persistent(model: nn.Module, name: str) -> bool:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     return leaf not in owner._non_persistent_buffers_set
-
-
-def dense_fp32_bytes(model: nn.Module) -> int:
-    """The uncompressed model at 4 bytes a weight (tied weights once, compressed layers at full size)."""
-    total, seen = 0, set()
-    for name, module in model.named_modules():
-        provider = provider_of(module)
-        if provider is not None and is_fitted(provider) and id(provider) not in seen:
-            seen.add(id(provider))
-            total += 4 * math.prod(provider.shape)
-            for tensor in list(provider.parameters()) + list(provider.buffers()):
-                seen.add(id(tensor))
-            weight = module._parameters.get("weight")
-            if weight is not None:
-                seen.add(id(weight))
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(tensor) in seen or not tensor.is_floating_point() or not _is_persistent(model, name):
-            continue
-        if any(f".{c}." in f".{name}" for c in PROVIDER_CHILDREN):
-            continue
-        seen.add(id(tensor))
-        total += 4 * tensor.numel()
-    return total
 
 
 def _storage_key(tensor: Tensor):
@@ -378,7 +372,3 @@ def _pack_provider_tensor(provider, leaf: str, tensor: Tensor, float_dtype, cent
     if leaf == "centroids":
         return {"centroids": tensor.to(float_dtype)}
     return {leaf: tensor}  # scale / zero_point / fitted stay as they are
-
-
-def quantizable_names(model: nn.Module) -> Iterable[str]:
-    return (names[0] for names in quantizable_weights(model).values())

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import PLUGIN, REPO, device_flags, sh  # noqa: E402

@@ -1,5 +1,4 @@
 """Shared fixtures: a tiny real-text slice (KJV / RV1909) made once per session, and CLI helpers."""
-import os
 import subprocess
 import sys
 from pathlib import Path
