@@ -13,7 +13,7 @@ import torch
 from .safe_load import allow_fairseq_checkpoint_classes
 
 PACKED_MARKER = "quant_noise"  # top-level key of packed checkpoints: {"packed": True, "format": 1}
-PLUGIN_ARCHS = {"transformer_lm": "qn_transformer_lm", "transformer": "qn_transformer"}
+PLUGIN_ARCHS = {"transformer_lm": "qn_transformer_lm", "transformer": "qn_transformer"}  # stock model -> plugin twin
 PLUGIN_TASKS = {"language_modeling": "ipq_language_modeling", "translation": "ipq_translation"}
 PLUGIN_CRITERIONS = {"cross_entropy": "qn_cross_entropy", "label_smoothed_cross_entropy": "qn_label_smoothed_cross_entropy"}
 
@@ -76,17 +76,28 @@ def model_name(cfg: Dict[str, Any]) -> Optional[str]:
     return _get(model, "_name") or _get(model, "arch")
 
 
+def _model_family(name: Optional[str]) -> Optional[str]:
+    """The registered model an architecture belongs to (arch presets such as qn_transformer_lm_small included)."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+
+    return ARCH_MODEL_NAME_REGISTRY.get(name, name)
+
+
 def use_plugin_names(cfg: Dict[str, Any]) -> None:
-    """Point a checkpoint's cfg at the plugin's architecture and task, which reload compressed layers."""
+    """Point a checkpoint's cfg at the plugin architecture, which reloads compressed layers.
+
+    The saved config holds every architecture field explicitly, so the base plugin arch with
+    those fields builds the same model as the preset it came from.
+    """
     name = model_name(cfg)
-    if name in PLUGIN_ARCHS:
-        model = cfg["model"]
-        _set(model, "_name", PLUGIN_ARCHS[name])
-        _set(model, "arch", PLUGIN_ARCHS[name])
-    elif not str(name).startswith("qn_"):
+    family = _model_family(name)
+    if family in PLUGIN_ARCHS:
+        _set(cfg["model"], "_name", PLUGIN_ARCHS[family])
+        _set(cfg["model"], "arch", PLUGIN_ARCHS[family])
+    elif family not in PLUGIN_ARCHS.values():
         raise CheckpointError(
             f"architecture {name!r} has no plugin twin that can reload compressed layers "
-            f"(supported: {', '.join(sorted(PLUGIN_ARCHS.values()))})"
+            f"(supported: {', '.join(sorted(PLUGIN_ARCHS))} and their qn_ twins)"
         )
 
 
@@ -106,7 +117,7 @@ def use_stock_names(cfg: Dict[str, Any]) -> None:
     model = cfg["model"]
     fields = vars(model) if isinstance(model, argparse.Namespace) else dict(model)
     name = fields.get("_name") or fields.get("arch")
-    name = stock_arch.get(name, name)
+    name = stock_arch.get(_model_family(name), name)
     fields = {k: v for k, v in fields.items() if not k.startswith(("quant_noise_scalar_bits", "quant_noise_scalar_per", "quant_noise_exclude"))}
     fields["_name"] = name
     if "arch" in fields:

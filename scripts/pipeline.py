@@ -46,25 +46,39 @@ def sh(cmd: List, log: Optional[Path] = None) -> str:
     return output
 
 
-def train_lm(data: Path, save: Path, arch: str, noise: List[str], max_update: int, seed: int = 1, extra: List[str] = ()) -> str:
-    return sh([
+def run_once(save: Path, cmd: List, log_name: str) -> None:
+    """Run a fairseq-train command unless it already finished in ``save``.
+
+    fairseq resumes an interrupted run from checkpoint_last.pt; a finished one would still take
+    one more update when restarted, so finished runs are marked and skipped.
+    """
+    done = save / "DONE"
+    if done.exists():
+        print(f"[done] {save}", flush=True)
+        return
+    sh(cmd, save / log_name)
+    done.write_text("finished\n")
+
+
+def train_lm(data: Path, save: Path, arch: str, noise: List[str], max_update: int, seed: int = 1, extra: List[str] = ()) -> None:
+    run_once(save, [
         "fairseq-train", data, "--user-dir", PLUGIN, "--task", "language_modeling", "--arch", arch, *noise,
         "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "0.5", "--lr", "0.001",
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--dropout", "0.1",
         "--tokens-per-sample", "128", "--max-tokens", "2048", "--max-update", max_update, "--seed", seed,
         "--save-dir", save, "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "50",
         "--validate-interval-updates", max_update, *device_flags(), "--num-workers", "0", *extra,
-    ], save / "train.log")
+    ], "train.log")
 
 
-def ipq_lm(data: Path, save: Path, arch: str, dense: Path, schedule: Path, max_update: int, extra: List[str] = ()) -> str:
-    return sh([
+def ipq_lm(data: Path, save: Path, arch: str, dense: Path, schedule: Path, max_update: int, extra: List[str] = ()) -> None:
+    run_once(save, [
         "fairseq-train", data, "--user-dir", PLUGIN, "--task", "ipq_language_modeling", "--ipq-config", schedule,
         "--finetune-from-model", dense, "--arch", arch, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
         "--clip-norm", "0.5", "--lr", "0.0002", "--tokens-per-sample", "128", "--max-tokens", "2048",
         "--max-update", max_update, "--save-dir", save, "--no-epoch-checkpoints", "--log-format", "simple",
         "--log-interval", "50", "--validate-interval-updates", max_update, *device_flags(), "--num-workers", "0", *extra,
-    ], save / "ipq.log")
+    ], "ipq.log")
 
 
 def eval_lm(data: Path, path: Path, subset: str = "test") -> float:
@@ -81,10 +95,6 @@ def pack(src: Path, dst: Path, scalar_bits: Optional[int] = None) -> int:
 def size_report(path: Path) -> dict:
     out = subprocess.run([str(BIN / "quant-noise"), "size", str(path), "--json"], capture_output=True, text=True, cwd=REPO, check=True).stdout
     return json.loads(out[out.index("{"):])
-
-
-def done(path: Path) -> bool:
-    return path.exists() and path.stat().st_size > 0
 
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))

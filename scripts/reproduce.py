@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import PLUGIN, REPO, device_flags, sh  # noqa: E402
+from pipeline import PLUGIN, REPO, device_flags, run_once, sh  # noqa: E402
 
 LM_MODES = {
     "none": [],
@@ -119,14 +119,12 @@ class Runner:
         arch = p.lm_arch if lm else p.mt_arch
         updates = p.lm_updates if lm else p.mt_updates
         save = self.work / f"{task}-train-{key(arch, mode_flags, updates, p.seed, p.max_tokens)}"
-        if not (save / "DONE").exists():
-            task_flags = (["--task", "language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy",
-                           "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))]
-                          if lm else
-                          ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-                           "--lr", "0.0007", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))])
-            sh(["fairseq-train", self.data / task / "bin", *task_flags, *arch, *mode_flags, *self.common(updates, save)], save / "train.log")
-            (save / "DONE").write_text("ok")
+        task_flags = (["--task", "language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy",
+                       "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))]
+                      if lm else
+                      ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                       "--lr", "0.0007", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))])
+        run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, *arch, *mode_flags, *self.common(updates, save)], "train.log")
         return save / "checkpoint_last.pt"
 
     def ipq(self, task: str, dense: Path) -> Path:
@@ -138,13 +136,11 @@ class Runner:
         updates = load_schedule(schedule).total_updates
         arch = p.lm_arch if lm else p.mt_arch
         save = dense.parent.parent / f"{dense.parent.name}-ipq-{key(schedule.read_text(), arch)}"
-        if not (save / "DONE").exists():
-            task_flags = (["--task", "ipq_language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy", "--lr", "0.0002"]
-                          if lm else
-                          ["--task", "ipq_translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--lr", "0.0002"])
-            sh(["fairseq-train", self.data / task / "bin", *task_flags, "--ipq-config", schedule, "--finetune-from-model", dense,
-                *arch, *self.common(updates, save)], save / "ipq.log")
-            (save / "DONE").write_text("ok")
+        task_flags = (["--task", "ipq_language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy", "--lr", "0.0002"]
+                      if lm else
+                      ["--task", "ipq_translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--lr", "0.0002"])
+        run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, "--ipq-config", schedule, "--finetune-from-model", dense,
+                        *arch, *self.common(updates, save)], "ipq.log")
         return save / "checkpoint_last.pt"
 
     def compressed(self, task: str, mode: str, column: str) -> Path:

@@ -1,4 +1,6 @@
 """Importing the user dir registers every model, criterion and task; the console command works."""
+import pytest
+
 import quant_noise_plugin  # noqa: F401
 from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.models import ARCH_MODEL_REGISTRY
@@ -37,3 +39,23 @@ def test_data_is_deterministic_and_reused(tiny_data, tmp_path):
     # (the sentencepiece model file itself records its training paths, so compare what it produced)
     for rel in ("lm/bin/train.bin", "lm/bin/dict.txt", "mt/spm/train.es", "mt/bin/train.en-es.es.bin", "mt/bin/dict.en.txt", "mt/raw/test.es"):
         assert (fresh / rel).read_bytes() == (tiny_data / rel).read_bytes(), rel
+
+
+def test_checkpoint_names_map_presets_to_their_stock_and_plugin_twins():
+    import argparse
+
+    from quant_noise_plugin.checkpoints import CheckpointError, use_plugin_names, use_stock_names
+
+    cfg = {"model": argparse.Namespace(_name="qn_transformer_lm_small", arch="qn_transformer_lm_small", decoder_layers=4,
+                                       quant_noise_exclude=None),
+           "task": {"_name": "ipq_language_modeling", "ipq_config": "s.yaml", "max_update": 6, "data": "d"},
+           "criterion": {"_name": "qn_cross_entropy", "qn_pq": 0.1, "sentence_avg": False}}
+    use_stock_names(cfg)
+    assert cfg["model"] == {"_name": "transformer_lm", "decoder_layers": 4}  # a plain dict: stock torch.load reads it
+    assert cfg["task"] == {"_name": "language_modeling", "data": "d"}
+    assert cfg["criterion"] == {"_name": "cross_entropy", "sentence_avg": False}
+    plugin = {"model": {"_name": "transformer_iwslt_de_en"}}
+    use_plugin_names(plugin)
+    assert plugin["model"]["_name"] == "qn_transformer"
+    with pytest.raises(CheckpointError, match="'lstm_lm' has no plugin twin"):
+        use_plugin_names({"model": {"_name": "lstm_lm"}})
