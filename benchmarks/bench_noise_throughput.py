@@ -1,11 +1,12 @@
 """Training throughput (tokens/s) with Quant-Noise vs without, through real fairseq-train runs.
 
-Same model (a 4-layer 256-wide transformer LM on the KJV data), same run length, one after the
-other: no noise, the plugin's PQ noise, the plugin's scalar noise, and fairseq's built-in
---quant-noise-pq on transformer_lm. Reports words/s of the last logged intervals and ratios to
-the no-noise run. Writes results/bench_noise_throughput.{md,json}.
+Same model (a 4-layer 256-wide transformer LM on the KJV data), same run length: no noise, the
+plugin's PQ noise, the plugin's scalar noise, and fairseq's built-in --quant-noise-pq on
+transformer_lm. The runs are interleaved round-robin --repeats times and each keeps its best
+words/s (of the logged intervals after the first), so a passing load on the machine does not
+favour one of them. Ratios are to the no-noise run. Writes results/bench_noise_throughput.{md,json}.
 
-    python benchmarks/bench_noise_throughput.py [--updates 120]
+    python benchmarks/bench_noise_throughput.py [--updates 100] [--repeats 3]
 """
 import argparse
 import json
@@ -43,14 +44,17 @@ def words_per_second(args, updates):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--updates", type=int, default=120)
+    parser.add_argument("--updates", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not (REPO / "data/lm/bin").exists():
         raise SystemExit("run `quant-noise data --output data` (or make demo) first")
-    results = {}
-    for name, flags in RUNS.items():
-        print(f"running {name} ...", flush=True)
-        results[name] = words_per_second(flags, args.updates)
+    trials = {name: [] for name in RUNS}
+    for repeat in range(args.repeats):
+        for name, flags in RUNS.items():
+            print(f"round {repeat + 1}/{args.repeats}: {name} ...", flush=True)
+            trials[name].append(words_per_second(flags, args.updates))
+    results = {name: max(values) for name, values in trials.items()}
     base = results["no noise (qn_transformer_lm)"]
     lines = ["| run | tokens/s | vs no noise |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:,.0f} | {v / base:.3f} |" for k, v in results.items()]
@@ -58,10 +62,11 @@ def main():
     print(table)
     out = REPO / "results"
     out.mkdir(exist_ok=True)
-    (out / "bench_noise_throughput.json").write_text(json.dumps(results, indent=1))
+    (out / "bench_noise_throughput.json").write_text(json.dumps({"best": results, "trials": trials}, indent=1))
     (out / "bench_noise_throughput.md").write_text(
-        f"# Training throughput with Quant-Noise (2 CPU cores, fairseq-train, {args.updates} updates each)\n\n{table}\n\n"
-        f"Goal: PQ noise costs <= 5% throughput, scalar noise <= 15%.\n\nCommand: `python benchmarks/bench_noise_throughput.py --updates {args.updates}`\n"
+        f"# Training throughput with Quant-Noise (2 CPU cores, fairseq-train, {args.updates} updates a run, best of {args.repeats} interleaved)\n\n{table}\n\n"
+        f"Goal: PQ noise costs <= 5% throughput, scalar noise <= 15%.\n\n"
+        f"Command: `python benchmarks/bench_noise_throughput.py --updates {args.updates} --repeats {args.repeats}`\n"
     )
 
 
