@@ -161,19 +161,24 @@ def cmd_unpack(args) -> int:
     import torch
 
     from .checkpoints import PACKED_MARKER, read_checkpoint, use_stock_names, write_checkpoint_atomically
-    from .compressed import PROVIDER_CHILDREN, provider_of
+    from .compressed import PROVIDER_CHILDREN, provider_of, storage_key
 
     state = read_checkpoint(args.checkpoint)
     model, _ = _load_model(state, args.checkpoint, args.data)
-    dense = {}
+    dense, computed = {}, {}
     with torch.no_grad():
         for name, module in model.named_modules(remove_duplicate=False):
             provider = provider_of(module)
-            if provider is not None:
-                dense[f"{name}.weight"] = provider().detach().float().clone()
+            if provider is not None:  # tied layers share one provider: store one tensor for them
+                if id(provider) not in computed:
+                    computed[id(provider)] = provider().detach().float().clone()
+                dense[f"{name}.weight"] = computed[id(provider)]
         for key, tensor in model.state_dict().items():
             if not any(f".{c}." in key for c in PROVIDER_CHILDREN):
-                dense[key] = tensor.float() if tensor.is_floating_point() else tensor
+                memo = storage_key(tensor)
+                if memo not in computed:
+                    computed[memo] = tensor.float() if tensor.is_floating_point() else tensor
+                dense[key] = computed[memo]
     out = {k: copy.deepcopy(v) for k, v in state.items() if k not in ("model", "last_optimizer_state", PACKED_MARKER)}
     use_stock_names(out["cfg"])
     if isinstance(out.get("task_state"), dict):

@@ -302,7 +302,7 @@ def _is_persistent(model: nn.Module, name: str) -> bool:
     return leaf not in owner._non_persistent_buffers_set
 
 
-def _storage_key(tensor: Tensor):
+def storage_key(tensor: Tensor):
     return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
 
 
@@ -328,7 +328,7 @@ def pack_state_dict(model: nn.Module, float_dtype: torch.dtype = torch.float16, 
             for suffix, value in memo[memo_key].items():
                 packed[f"{prefix}.{suffix}"] = value
             continue
-        memo_key = _storage_key(tensor)
+        memo_key = storage_key(tensor)
         if memo_key not in memo:
             memo[memo_key] = {"": tensor.to(float_dtype) if tensor.is_floating_point() else tensor}
         packed[key] = memo[memo_key][""]
@@ -347,7 +347,7 @@ def container_overhead_bytes(state: Dict) -> int:
 
     def skeleton(value):
         if isinstance(value, Tensor):
-            key = _storage_key(value)
+            key = storage_key(value)
             if key not in memo:
                 memo[key] = torch.empty(0, dtype=value.dtype)
             return memo[key]
