@@ -62,7 +62,7 @@ PRESETS = {
     "quick": Preset(  # the demo's budget: what one session on 2 CPU cores can run (~1.5 h for the default grid)
         lm_arch=["--arch", "qn_transformer_lm_small"],
         mt_arch=["--arch", "qn_transformer_small", "--share-all-embeddings", "--encoder-layers", "2", "--decoder-layers", "2"],
-        lm_updates=600, mt_updates=600,
+        lm_updates=600, mt_updates=400,
         lm_schedule="configs/ipq/qn_transformer_lm_demo.yaml", mt_schedule="configs/ipq/qn_transformer_demo.yaml",
     ),
     "smoke": Preset(  # tests: a tiny model, a handful of updates
@@ -270,20 +270,25 @@ def main(argv=None) -> None:
     if not (Path(args.data) / ".complete.json").exists():
         sh(["quant-noise", "data", "--output", args.data])
     runner = Runner(args)
-    results = [runner.cell("lm", m, c) for m in args.lm_modes for c in args.lm_columns]
-    results += [runner.cell("mt", m, c) for m in args.mt_modes for c in args.mt_columns]
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    if args.lm_modes and args.lm_columns:
-        (out / "lm_kjv.md").write_text(render(results, "lm", args.lm_modes, args.lm_columns, runner))
-    if args.mt_modes and args.mt_columns:
-        (out / "mt_en_es.md").write_text(render(results, "mt", args.mt_modes, args.mt_columns, runner))
-    (out / "reproduce.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "size_vs_quality.png")
+    grid = [("lm", m, c) for m in args.lm_modes for c in args.lm_columns] + [("mt", m, c) for m in args.mt_modes for c in args.mt_columns]
+    results = []
+    for task, mode, column in grid:
+        results.append(runner.cell(task, mode, column))
+        write_outputs(results, args, runner, out)  # partial tables as the grid fills
     for name in ("lm_kjv.md", "mt_en_es.md"):
         if (out / name).exists():
             print((out / name).read_text())
 
+
+def write_outputs(results: List[dict], args, runner: Runner, out: Path) -> None:
+    if any(r["task"] == "lm" for r in results):
+        (out / "lm_kjv.md").write_text(render(results, "lm", args.lm_modes, args.lm_columns, runner))
+    if any(r["task"] == "mt" for r in results):
+        (out / "mt_en_es.md").write_text(render(results, "mt", args.mt_modes, args.mt_columns, runner))
+    (out / "reproduce.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "size_vs_quality.png")
 
 if __name__ == "__main__":
     main()
