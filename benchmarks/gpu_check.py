@@ -127,14 +127,14 @@ def main():
     results["scalar_noise_throughput_ratio"] = round(speeds["none"] / speeds["scalar_noise_0.5_int8"], 3)
 
     # 6. Inference with a PQ layer (weight gathered from the codebook each forward) vs dense.
-    from quant_noise_plugin.compressed import attach_provider, free_dense_weight
+    from quant_noise_plugin.weight_swap import add_weight_fn  # what compressed.attach_provider installs
 
     dense_layer = nn.Linear(1024, 4096).to(dev).eval()
     pq_layer = nn.Linear(1024, 4096).to(dev).eval()
     codebook = PQCodebook((4096, 1024), 8, 256).to(dev)
     codebook.fit(pq_layer.weight, n_iter=5, backend="torch")
-    attach_provider(pq_layer, "weight_pq", codebook)
-    free_dense_weight(pq_layer)
+    add_weight_fn(pq_layer, lambda _stored: codebook())
+    pq_layer._parameters["weight"] = None  # inference holds the codebook only
     xin = torch.randn(8192, 1024, device=dev)
     with torch.no_grad():
         _, t_dense = timed(lambda: dense_layer(xin), repeat=50)
