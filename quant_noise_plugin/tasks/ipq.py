@@ -25,7 +25,7 @@ from omegaconf import II
 
 from ..compressed import PROVIDER_CHILDREN, attach_pq_plan, dense_fp32_bytes, fit_pq, is_fitted, layout_of, provider_of, size_rows
 from ..models.compressed_loading import CompressedLoadingMixin
-from ..schedule import ScheduleError, load_schedule, plan_schedule, schedule_from_dict, schedule_to_dict
+from ..schedule import ScheduleError, load_schedule, plan_schedule, schedule_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ class IPQTaskMixin:
         return state
 
     def load_state_dict(self, state_dict):
+        # ipq_* entries describe the checkpoint (read by `quant-noise pack`); the model's own keys
+        # say which layers are compressed, so loading needs nothing from them.
         super().load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("ipq_")})
-        if state_dict.get("ipq_schedule") is not None:
-            self.ipq_schedule = schedule_from_dict(state_dict["ipq_schedule"], "checkpoint task_state")
 
     # -- model --------------------------------------------------------------------------------
 
@@ -88,6 +88,11 @@ class IPQTaskMixin:
             raise ScheduleError(f"--task {self.task_name}: --ipq-config SCHEDULE.yaml is required for training")
         self._check_run_flags()
         self.ipq_schedule = load_schedule(self.ipq_cfg.ipq_config)
+        total = self.ipq_schedule.total_updates
+        if not self.ipq_cfg.max_update:
+            raise ScheduleError(f"{self.ipq_cfg.ipq_config}: the schedule needs {total} updates: set --max-update {total}")
+        if self.ipq_cfg.max_update < total:
+            logger.warning("--max-update %d stops before the schedule's %d updates; rerun with --max-update %d to finish", self.ipq_cfg.max_update, total, total)
         self.ipq_plans = plan_schedule(self.ipq_schedule, model, self.ipq_cfg.ipq_config)
         for stage in self.ipq_plans:
             for plan in stage.layers:
@@ -95,11 +100,6 @@ class IPQTaskMixin:
         model.register_load_state_dict_pre_hook(self._reject_foreign_quantization)
         model.ipq_training = True
         self.ipq_model = model
-        total = self.ipq_schedule.total_updates
-        if not self.ipq_cfg.max_update:
-            raise ScheduleError(f"{self.ipq_cfg.ipq_config}: the schedule needs {total} updates: set --max-update {total}")
-        if self.ipq_cfg.max_update < total:
-            logger.warning("--max-update %d stops before the schedule's %d updates; rerun with --max-update %d to finish", self.ipq_cfg.max_update, total, total)
         for stage in self.ipq_plans:
             logger.info(
                 "ipq stage %d (%s): updates %d-%d, %d weights: %s", stage.index, stage.name, stage.start_update,
