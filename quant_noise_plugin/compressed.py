@@ -25,7 +25,7 @@ from .bitpack import bits_for, pack_bits, unpack_bits
 from .pq import PQCodebook
 from .scalar import ScalarCodes, dequantize, quantize
 from .schedule import LayerPlan, quantizable_weights
-from .weight_swap import add_weight_fn, route_attention_through_projections
+from .weight_swap import add_weight_fn, materialize_attention_weights
 
 PQ_CHILD = "weight_pq"
 SCALAR_CHILD = "weight_int"
@@ -119,7 +119,7 @@ def attach_pq_plan(model: nn.Module, plan: LayerPlan) -> PQCodebook:
     codebook = PQCodebook(plan.shape, plan.block_size, plan.n_centroids)
     for name in plan.names:
         attach_provider(model.get_submodule(name), PQ_CHILD, codebook)
-    route_attention_through_projections(model)
+    materialize_attention_weights(model)
     return codebook
 
 
@@ -203,7 +203,7 @@ def attach_from_state_dict(model: nn.Module, state_dict, free_dense: bool = True
                 for module_name in tied.get(name, [name]):
                     free_dense_weight(modules[module_name])
     if attached:
-        route_attention_through_projections(model)
+        materialize_attention_weights(model)
     return len({id(p) for p in attached.values()})
 
 
@@ -222,7 +222,7 @@ def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = T
             if free_dense:
                 free_dense_weight(modules[name])
         done.append(names[0])
-    route_attention_through_projections(model)
+    materialize_attention_weights(model)
     return done
 
 

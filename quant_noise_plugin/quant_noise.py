@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .noise import check_probability, pq_noise, scalar_noise
 from .scalar import check_bits
-from .weight_swap import add_weight_fn, route_attention_through_projections
+from .weight_swap import add_weight_fn, materialize_attention_weights
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,6 @@ def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig) -> List[str]:
                 )
     for name in names:
         add_weight_fn(modules[name], _noise_fn(modules[name], cfg))
-    route_attention_through_projections(model)
+    materialize_attention_weights(model)
     logger.info("quant-noise: pq=%s (block %d), scalar=%s (int%d) on %d layers", cfg.pq, cfg.pq_block_size, cfg.scalar, cfg.scalar_bits, len(names))
     return names

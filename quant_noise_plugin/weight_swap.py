@@ -48,20 +48,39 @@ def weight_fns(module: nn.Module) -> List[WeightFn]:
     return list(module.__dict__.get(_FNS, []))
 
 
-def route_attention_through_projections(model: nn.Module) -> int:
-    """Disable fused attention fast paths that read ``q_proj.weight`` directly.
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_ATTENTION_HOOKED = "_qn_attention_hooked"
 
-    fairseq's MultiheadAttention (and its subclasses) call ``F.multi_head_attention_forward`` with
-    the projection Parameters, bypassing the projections' forward and therefore their hooks; with
-    ``skip_embed_dim_check`` set it computes ``q_proj(query)`` etc. instead (same math).
-    Returns how many attention modules were switched.
+
+def _attention_pre_hook(attention: nn.Module, args) -> None:
+    for name in _PROJECTIONS:
+        projection = getattr(attention, name)
+        if _FNS in projection.__dict__:
+            _pre_hook(projection, args)
+
+
+def _attention_post_hook(attention: nn.Module, args, output) -> None:
+    for name in _PROJECTIONS:
+        getattr(attention, name).__dict__.pop("weight", None)
+
+
+def materialize_attention_weights(model: nn.Module) -> int:
+    """Let fused attention kernels see the derived projection weights too.
+
+    fairseq's MultiheadAttention (and its subclasses) may call ``F.multi_head_attention_forward``
+    with ``q_proj.weight`` etc. directly, never calling the projections, so their own hooks do not
+    fire. Hooks on the attention module put each projection's derived weight in place for the
+    whole attention forward (the fused path reads it; an unfused path calls the projections, whose
+    hooks recompute it). The fast path stays in use. Returns how many attention modules were hooked.
     """
-    switched = 0
+    hooked = 0
     for module in model.modules():
-        projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
-        if not hasattr(module, "skip_embed_dim_check") or any(p is None for p in projections):
+        projections = [getattr(module, n, None) for n in _PROJECTIONS]
+        if any(not isinstance(p, nn.Module) for p in projections) or module.__dict__.get(_ATTENTION_HOOKED):
             continue
-        if any(weight_fns(p) for p in projections):
-            module.skip_embed_dim_check = True
-            switched += 1
-    return switched
+        if any(_FNS in p.__dict__ for p in projections):
+            module.__dict__[_ATTENTION_HOOKED] = True
+            module.register_forward_pre_hook(_attention_pre_hook)
+            module.register_forward_hook(_attention_post_hook, always_call=True)
+            hooked += 1
+    return hooked

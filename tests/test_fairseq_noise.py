@@ -27,15 +27,26 @@ def batch(n=4, length=16, vocab=100):
 
 
 def noised_modules(model, run):
-    """Names of modules whose forward saw a weight other than their Parameter, with zero blocks."""
+    """Names of layers whose weight, as the computation reads it, is not their Parameter and has zero blocks.
+
+    Linear/Embedding layers are checked when called; attention projections when their attention
+    module runs, since fairseq's fused attention reads ``q_proj.weight`` without calling q_proj.
+    """
     seen = {}
     handles = []
+
+    def check(name, module):
+        w = module.weight
+        seen[name] = (w is not module._parameters["weight"]) and bool((w == 0).any())
+
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            def hook(module, args, name=name):
-                w = module.weight
-                seen[name] = (w is not module._parameters["weight"]) and bool((w == 0).any())
-            handles.append(m.register_forward_pre_hook(hook))
+        if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            def attention_hook(module, args, name=name):
+                for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                    check(f"{name}.{p}", getattr(module, p))
+            handles.append(m.register_forward_pre_hook(attention_hook))
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            handles.append(m.register_forward_pre_hook(lambda module, args, name=name: check(name, module)))
     run()
     for h in handles:
         h.remove()
@@ -50,6 +61,7 @@ def test_qn_arch_noises_every_layer_including_attention_projections(lm_data):
     for suffix in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"):
         assert seen[f"decoder.layers.0.{suffix}"], suffix
     assert seen["decoder.embed_tokens"] and seen["decoder.output_projection"]
+    assert not model.decoder.layers[0].self_attn.skip_embed_dim_check  # fairseq's fused attention path stays in use
     model.eval()
     seen = noised_modules(model, lambda: model(batch()["net_input"]["src_tokens"]))
     assert seen and not any(seen.values())
