@@ -8,7 +8,6 @@ Writes results/bench_eval_memory.{md,json}.
     python benchmarks/bench_eval_memory.py [--repeat 2]
 """
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_result  # noqa: E402
 DEMO = REPO / "checkpoints/demo"
 
 EVAL = """
@@ -65,14 +66,10 @@ def main():
     for name, r in results.items():
         lines.append(f"| {name} | {r['file_mb']:.2f} MB | {r['peak_rss_mb']:.0f} MB | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.3f} | {r['ppl']:.2f} |")
     table = "\n".join(lines)
-    print(table)
-    (REPO / "results").mkdir(exist_ok=True)
-    (REPO / "results/bench_eval_memory.json").write_text(json.dumps(results, indent=1))
-    (REPO / "results/bench_eval_memory.md").write_text(
-        f"# fairseq-eval-lm: dense vs packed (demo model, KJV test split, 2 CPU cores)\n\n{table}\n\n"
-        f"Goal: packed within 10% of dense speed, lower peak memory.\n\nCommand: `python benchmarks/bench_eval_memory.py --repeat {args.repeat}`\n"
+    write_result(
+        "bench_eval_memory", "fairseq-eval-lm: dense vs packed (demo model, KJV test split, 2 CPU cores)", table,
+        f"Best speed and lowest peak RSS of {args.repeat} runs each. Goal: packed within 10% of dense speed, lower peak memory.", results,
     )
-
 
 if __name__ == "__main__":
     main()

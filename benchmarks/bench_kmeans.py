@@ -8,7 +8,6 @@ fairseq's EM, our faiss backend and our torch backend, and reports the final obj
 Weights: a trained layer when a demo checkpoint exists (real weights), else Gaussian.
 """
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -20,6 +19,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from quant_noise_plugin.kmeans import kmeans  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_result  # noqa: E402
 
 
 def weights(shape, seed=0):
@@ -89,15 +91,11 @@ def main():
         )
     table = "\n".join(lines)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(table)
-    out = REPO / "results"
-    out.mkdir(exist_ok=True)
-    (out / "bench_kmeans.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    (out / "bench_kmeans.md").write_text(
-        f"# k-means: ours vs fairseq's reference EM\n\nblock size 8, 256 centroids; objective = ||W - decode(W)||^2 "
-        f"(ratio < 1: ours is better). Machine: {machine}.\n\n{table}\n\nCommand: `python benchmarks/bench_kmeans.py --sizes {' '.join(args.sizes)} --iters {' '.join(map(str, args.iters))}`\n"
+    write_result(
+        "bench_kmeans", "k-means: ours vs fairseq's reference EM", table,
+        f"block size 8, 256 centroids; objective = ||W - decode(W)||^2 (ratio < 1: ours is better). Machine: {machine}.",
+        {"machine": machine, "rows": rows},
     )
-
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,6 @@ favour one of them. Ratios are to the no-noise run. Writes results/bench_noise_t
     python benchmarks/bench_noise_throughput.py [--updates 100] [--repeats 3]
 """
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_result  # noqa: E402
 MODEL = ["--decoder-layers", "4", "--decoder-embed-dim", "256", "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4",
          "--share-decoder-input-output-embed", "--decoder-input-dim", "256", "--decoder-output-dim", "256"]
 RUNS = {
@@ -59,16 +60,10 @@ def main():
     lines = ["| run | tokens/s | vs no noise |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:,.0f} | {v / base:.3f} |" for k, v in results.items()]
     table = "\n".join(lines)
-    print(table)
-    out = REPO / "results"
-    out.mkdir(exist_ok=True)
-    (out / "bench_noise_throughput.json").write_text(json.dumps({"best": results, "trials": trials}, indent=1))
-    (out / "bench_noise_throughput.md").write_text(
-        f"# Training throughput with Quant-Noise (2 CPU cores, fairseq-train, {args.updates} updates a run, best of {args.repeats} interleaved)\n\n{table}\n\n"
-        f"Goal: PQ noise costs <= 5% throughput, scalar noise <= 15%.\n\n"
-        f"Command: `python benchmarks/bench_noise_throughput.py --updates {args.updates} --repeats {args.repeats}`\n"
+    write_result(
+        "bench_noise_throughput", f"Training throughput with Quant-Noise (2 CPU cores, fairseq-train, {args.updates} updates a run, best of {args.repeats} interleaved)",
+        table, "Goal: PQ noise costs <= 5% throughput, scalar noise <= 15%.", {"best": results, "trials": trials},
     )
-
 
 if __name__ == "__main__":
     main()

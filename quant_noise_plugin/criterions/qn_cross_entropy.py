@@ -34,6 +34,10 @@ class QuantNoiseCriterionMixin:
         gen_parser_from_dataclass(parser, cls.loss_config())
         add_criterion_noise_args(parser)
 
+    def forward(self, model, sample, reduce=True):
+        self._ensure_noise(model)
+        return super().forward(model, sample, reduce)
+
     def _ensure_noise(self, model) -> None:
         if not model.training or id(model) in self._noised_model_ids:
             return
@@ -51,9 +55,6 @@ class QNCrossEntropyConfig(CrossEntropyCriterionConfig, CriterionNoiseOptions):
 @register_criterion("qn_cross_entropy", dataclass=QNCrossEntropyConfig)
 class QNCrossEntropyCriterion(QuantNoiseCriterionMixin, CrossEntropyCriterion):
     loss_config = CrossEntropyCriterionConfig
-    def forward(self, model, sample, reduce=True):
-        self._ensure_noise(model)
-        return super().forward(model, sample, reduce)
 
 
 @dataclass
@@ -64,6 +65,3 @@ class QNLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig
 @register_criterion("qn_label_smoothed_cross_entropy", dataclass=QNLabelSmoothedCrossEntropyConfig)
 class QNLabelSmoothedCrossEntropyCriterion(QuantNoiseCriterionMixin, LabelSmoothedCrossEntropyCriterion):
     loss_config = LabelSmoothedCrossEntropyCriterionConfig
-    def forward(self, model, sample, reduce=True):
-        self._ensure_noise(model)
-        return super().forward(model, sample, reduce)
