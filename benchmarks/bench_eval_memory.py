@@ -71,5 +71,6 @@ def main():
         f"Best speed and lowest peak RSS of {args.repeat} runs each. Goal: packed within 10% of dense speed, lower peak memory.", results,
     )
 
+
 if __name__ == "__main__":
     main()

@@ -97,5 +97,6 @@ def main():
         {"machine": machine, "rows": rows},
     )
 
+
 if __name__ == "__main__":
     main()

@@ -65,5 +65,6 @@ def main():
         table, "Goal: PQ noise costs <= 5% throughput, scalar noise <= 15%.", {"best": results, "trials": trials},
     )
 
+
 if __name__ == "__main__":
     main()
