@@ -61,9 +61,20 @@ def scalar_noise(
     """
     if p <= 0:
         return weight
-    quantized = fake_quantize(weight.detach(), bits, per_channel)
-    delta = (quantized - weight.detach())
+    noised = fake_quantize(weight, bits, per_channel)
     if p < 1:
-        selected = torch.bernoulli(torch.full_like(weight, p), generator=generator)
-        delta = delta * selected
-    return weight + delta
+        selected = torch.rand(weight.shape, device=weight.device, generator=generator) < p
+        noised = torch.where(selected, noised, weight.detach())
+    return _StraightThrough.apply(weight, noised)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the noised values; backward: the gradient reaches ``weight`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, noised: Tensor) -> Tensor:
+        return noised
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None

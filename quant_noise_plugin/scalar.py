@@ -24,11 +24,10 @@ def affine_params(weight: Tensor, bits: int, per_channel: bool = False) -> Tuple
     qmax = 2**bits - 1
     w = weight.detach().float()
     if per_channel:
-        flat = w.reshape(w.shape[0], -1)
-        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        lo, hi = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
         view = (-1,) + (1,) * (w.dim() - 1)
     else:
-        lo, hi = w.min(), w.max()
+        lo, hi = torch.aminmax(w)
         view = (1,) * w.dim()
     lo = torch.clamp(lo, max=0.0)  # keep 0 exactly representable
     hi = torch.clamp(hi, min=0.0)
@@ -49,9 +48,15 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
 
 
 def fake_quantize(weight: Tensor, bits: int, per_channel: bool = False) -> Tensor:
-    """Quantize then dequantize, in ``weight``'s dtype (no gradient: callers add the STE)."""
-    codes, scale, zero_point = quantize(weight, bits, per_channel)
-    return dequantize(codes, scale, zero_point).to(weight.dtype)
+    """Quantize then dequantize, in ``weight``'s dtype (no gradient: callers add the STE).
+
+    The same arithmetic as ``dequantize(*quantize(...))``, done in place on one buffer: it runs
+    every training forward under scalar Quant-Noise.
+    """
+    scale, zero_point = affine_params(weight, bits, per_channel)
+    out = weight.detach().float() / scale
+    out.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
+    return out.to(weight.dtype)
 
 
 class ScalarCodes(torch.nn.Module):
