@@ -4,7 +4,7 @@
 """
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
@@ -108,5 +108,3 @@ def disable_fairseq_builtin_noise(cfg) -> None:
     else:
         zero()
 
-
-NOISE_FIELD_NAMES = tuple(f.name for f in fields(QuantNoiseOptions))
