@@ -25,8 +25,9 @@ test: setup
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/demo.py
 
+# extra flags: make reproduce ARGS="--device cuda" (or --preset quick, --lm-modes ..., --render-only)
 reproduce: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/reproduce.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/reproduce.py $(ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_kmeans.py

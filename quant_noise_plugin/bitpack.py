@@ -22,9 +22,12 @@ def smallest_int_dtype(n_values: int) -> torch.dtype:
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Flatten ``codes`` (values < 2**bits) into a uint8 tensor of ceil(n*bits/8) bytes."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"pack_bits supports 1..8 bits, got {bits}")
+    """Flatten ``codes`` (values < 2**bits) into a uint8 tensor of ceil(n*bits/8) bytes.
+
+    Any width 1..32: a 1024-centroid codebook stores 10 bits per code, not the 16 of its int16 buffer.
+    """
+    if not 1 <= bits <= 32:
+        raise ValueError(f"pack_bits supports 1..32 bits, got {bits}")
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and int(flat.max()) >= 2**bits:
         raise ValueError(f"a code {int(flat.max())} does not fit in {bits} bits")

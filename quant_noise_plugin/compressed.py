@@ -363,7 +363,7 @@ def container_overhead_bytes(state: Dict) -> int:
 def _pack_provider_tensor(provider, leaf: str, tensor: Tensor, float_dtype, centroid_bits) -> Dict[str, Tensor]:
     if leaf == "codes":
         bits = bits_for(provider.n_centroids) if isinstance(provider, PQCodebook) else provider.bits
-        if bits < 8:
+        if bits != 8:  # 8-bit codes are exactly a uint8 tensor; any other width is bit-packed
             return {"codes_packed": pack_bits(tensor, bits)}
         return {"codes": tensor}
     if leaf == "centroids" and centroid_bits:

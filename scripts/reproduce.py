@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import PLUGIN, REPO, device_flags, run_once, sh  # noqa: E402
@@ -95,8 +95,21 @@ class Runner:
         self.work = Path(args.work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.data = Path(args.data).resolve()
+        self.command = "scripts/reproduce.py " + " ".join(sys.argv[1:])
+
+    def device_name(self) -> str:
+        """What computed a cell: 'cpu' or the CUDA device's name (recorded in each cell, shown in the tables)."""
+        if self.args.device == "cpu":
+            return "cpu"
+        import torch
+
+        return torch.cuda.get_device_name(0)
 
     def schedule(self, which: str) -> Path:
+        """The iPQ schedule for "lm"/"mt": --lm-schedule/--mt-schedule, else the preset's."""
+        override = getattr(self.args, f"{which}_schedule")
+        if override:
+            return Path(override).resolve()
         path = getattr(self.preset, f"{which}_schedule")
         if path == "SMOKE":
             smoke = self.work / "smoke_schedule.yaml"
@@ -146,7 +159,7 @@ class Runner:
     def compressed(self, task: str, mode: str, column: str) -> Path:
         dense = self.train(task, (LM_MODES if task == "lm" else MT_MODES)[mode])
         base = {"fp32": dense, "int8": dense, "int4": dense}.get(column) or self.ipq(task, dense)
-        out = dense.parent.parent / f"{dense.parent.name}-{column.replace('+', '_')}.pt"
+        out = base.parent.parent / f"{base.parent.name}-{column.replace('+', '_')}.pt"  # an iPQ file is named by its run
         if not out.exists():
             if column == "fp32":  # dense, inference-only fp32 (what stock fairseq loads)
                 sh(["quant-noise", "unpack", base, out])
@@ -157,14 +170,22 @@ class Runner:
 
     # -- cells (cached by their configuration) --
 
-    def cell(self, task: str, mode: str, column: str) -> dict:
+    def cell(self, task: str, mode: str, column: str, compute: bool = True) -> Optional[dict]:
+        """The cell's cached result, else (when ``compute``) train/compress/evaluate what it needs."""
         p = self.preset
-        cache = self.work / "cells" / f"{task}-{mode}-{column}-{key(asdict(p), (LM_MODES if task == 'lm' else MT_MODES)[mode])}.json"
+        parts = [asdict(p), (LM_MODES if task == "lm" else MT_MODES)[mode]]
+        if column.startswith("ipq"):  # an edited or overridden schedule is another cell
+            parts.append(hashlib.sha256(self.schedule(task).read_bytes()).hexdigest())
+        cache = self.work / "cells" / f"{task}-{mode}-{column}-{key(*parts)}.json"
         if cache.exists():
             print(f"[cached] {task} {mode} {column}")
             return json.loads(cache.read_text())
+        if not compute:
+            print(f"[missing] {task} {mode} {column}")
+            return None
         path = self.compressed(task, mode, column)
-        result = {"task": task, "mode": mode, "column": column, "bytes": path.stat().st_size, "checkpoint": str(path.relative_to(self.work))}
+        result = {"task": task, "mode": mode, "column": column, "bytes": path.stat().st_size, "checkpoint": str(path.relative_to(self.work)),
+                  "device": self.device_name(), "command": self.command}
         if task == "lm":
             out = sh(["fairseq-eval-lm", self.data / "lm/bin", "--user-dir", PLUGIN, "--path", path, "--gen-subset", "test", *device_flags(),
                       "--tokens-per-sample", p.tokens_per_sample, "--max-tokens", 4096, "--context-window", p.tokens_per_sample // 2])
@@ -219,16 +240,29 @@ def render(results: List[dict], task: str, modes: List[str], columns: List[str],
         f"Every number is a real `fairseq-eval-lm`/`fairseq-generate` run on that checkpoint.\n\n" + "\n".join(lines) +
         f"\n\nTraining modes:\n{legend}\n\nColumns: fp32 = dense inference checkpoint (`quant-noise unpack`); int8/int4 = every "
         f"Linear/Embedding weight as int codes with per-row scales, rest fp16 (`quant-noise pack --scalar-bits`); iPQ = "
-        f"`--task ipq_*` with `{getattr(p, task + '_schedule')}`, packed; iPQ+int8 = the same, centroids and remaining layers int8.\n\n"
+        f"`--task ipq_*` with `{shown(runner.schedule(task))}`, packed; iPQ+int8 = the same, centroids and remaining layers int8.\n\n"
         f"Preset `{runner.args.preset}`: arch `{' '.join(getattr(p, task + '_arch'))}`, {getattr(p, task + '_updates')} training updates, "
-        f"--max-tokens {p.max_tokens}, seed {p.seed}.\n\nCommand: `{' '.join(sys.argv)}`\n"
+        f"--max-tokens {p.max_tokens}, seed {p.seed}.\n\nCells computed by:\n{provenance(cells.values())}\n\nCommand: `{runner.command}`\n"
     )
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def provenance(cells) -> str:
+    """One line per (device, command) that computed some of the cells: a table may merge several runs."""
+    runs = {}
+    for r in cells:
+        runs.setdefault((r.get("device", "not recorded"), r.get("command", "not recorded")), []).append(r["mode"])
+    return "\n".join(f"- {device}: `{command}` ({', '.join(sorted(set(modes)))})" for (device, command), modes in runs.items())
 
 
 def plot(results: List[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     tasks = [t for t in ("lm", "mt") if any(r["task"] == t for r in results)]
@@ -239,6 +273,7 @@ def plot(results: List[dict], out: Path) -> None:
             pts = sorted((r["bytes"] / 1e6, r[metric]) for r in results if r["task"] == task and r["mode"] == mode)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: they overlap otherwise
         ax.set_xlabel("size on disk (MB, log scale)")
         ax.set_ylabel("test perplexity" if task == "lm" else "BLEU")
         ax.set_title("KJV language model" if task == "lm" else "KJV -> RV1909 translation")
@@ -246,6 +281,7 @@ def plot(results: List[dict], out: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -259,15 +295,22 @@ def main(argv=None) -> None:
     parser.add_argument("--mt-modes", nargs="*", default=list(MT_MODES))
     parser.add_argument("--mt-columns", nargs="*", default=MT_COLUMNS)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=os.environ.get("QN_DEVICE", "cpu"), help="where fairseq runs")
+    parser.add_argument("--lm-schedule", help="iPQ schedule YAML for the LM grid (default: the preset's)")
+    parser.add_argument("--mt-schedule", help="iPQ schedule YAML for the MT grid (default: the preset's)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="compute nothing: tables and plot from the cells cached under --work (e.g. cells copied from another machine)")
     args = parser.parse_args(argv)
     os.environ["QN_DEVICE"] = args.device
+    for flag in ("lm_schedule", "mt_schedule"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
+            parser.error(f"--{flag.replace('_', '-')}: no such file {getattr(args, flag)}")
     for m in args.lm_modes:
         if m not in LM_MODES:
             parser.error(f"--lm-modes: unknown mode {m!r} (known: {', '.join(LM_MODES)})")
     for m in args.mt_modes:
         if m not in MT_MODES:
             parser.error(f"--mt-modes: unknown mode {m!r} (known: {', '.join(MT_MODES)})")
-    if not (Path(args.data) / ".complete.json").exists():
+    if not args.render_only and not (Path(args.data) / ".complete.json").exists():
         sh(["quant-noise", "data", "--output", args.data])
     runner = Runner(args)
     out = Path(args.results)
@@ -275,8 +318,10 @@ def main(argv=None) -> None:
     grid = [("lm", m, c) for m in args.lm_modes for c in args.lm_columns] + [("mt", m, c) for m in args.mt_modes for c in args.mt_columns]
     results = []
     for task, mode, column in grid:
-        results.append(runner.cell(task, mode, column))
-        write_outputs(results, args, runner, out)  # partial tables as the grid fills
+        result = runner.cell(task, mode, column, compute=not args.render_only)
+        if result is not None:
+            results.append(result)
+            write_outputs(results, args, runner, out)  # partial tables as the grid fills
     for name in ("lm_kjv.md", "mt_en_es.md"):
         if (out / name).exists():
             print((out / name).read_text())

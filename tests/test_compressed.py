@@ -66,6 +66,26 @@ def test_packed_state_reloads_into_a_fresh_model_with_the_same_outputs():
     assert fresh.emb.padding_idx == 1
 
 
+def test_codes_wider_than_a_byte_are_bit_packed_as_the_size_report_counts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128))
+    plan = LayerPlan(["0"], "Linear", [128, 64], 4, 1024)  # 2048 blocks, 10-bit codes
+    attach_pq_plan(model, plan)
+    fit_pq(model, plan, n_iter=2, seed=0, backend="torch")
+    assert provider_of(model[0]).codes.dtype == torch.int16
+    packed = pack_state_dict(model)
+    assert packed["0.weight_pq.codes_packed"].numel() == 2048 * 10 // 8  # not 2048 * 2 bytes of int16
+    row = next(r for r in size_rows(model) if r.name == "0")
+    assert row.bytes == 2048 * 10 // 8 + 1024 * 4 * 2 + 1  # codes, fp16 centroids, fitted flag: what is stored
+    x = torch.randn(3, 64)
+    expected = model(x)
+    fresh = nn.Sequential(nn.Linear(64, 128))
+    assert attach_from_state_dict(fresh, packed) == 1
+    fresh.load_state_dict(packed)
+    assert torch.equal(provider_of(fresh[0]).codes, provider_of(model[0]).codes)
+    assert torch.allclose(fresh(x), expected, atol=1e-2)
+
+
 def test_int_codes_for_the_remaining_layers():
     torch.manual_seed(0)
     model = Tied().eval()

@@ -66,7 +66,7 @@ def test_centroid_gradient_is_the_mean_over_its_blocks():
     assert torch.allclose(cb.centroids.grad[1], blocks[codes == 1].mean(0))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 10, 13, 15, 17])
 def test_bit_packing_round_trips(bits):
     codes = torch.randint(0, 2**bits, (1001,))
     packed = pack_bits(codes, bits)

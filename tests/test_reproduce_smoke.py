@@ -27,3 +27,29 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     assert second.count("[cached]") == 3
     assert not [line for line in second.splitlines() if line.startswith("$ ")]  # no command was run
     assert json.loads((tmp_path / "results/reproduce.json").read_text()) == cells
+    assert all(c["device"] == "cpu" and c["command"].startswith("scripts/reproduce.py --preset smoke") for c in cells)
+    assert "- cpu: `scripts/reproduce.py --preset smoke" in table  # provenance of the cells
+
+    # --render-only: tables from cached cells (e.g. computed on another machine), nothing computed, gaps shown
+    rendered = tmp_path / "rendered"
+    only = [str(c) for c in cmd]
+    only[only.index("--results") + 1] = str(rendered)
+    only[only.index("--lm-modes") + 1:only.index("--lm-modes") + 2] = ["qn_pq_0.1", "none"]
+    third = run(only + ["--render-only"]).output
+    assert third.count("[cached]") == 3 and "[missing] lm none fp32" in third
+    assert not [line for line in third.splitlines() if line.startswith("$ ")]
+    rows = {line.split("|")[1].strip(): line for line in (rendered / "lm_kjv.md").read_text().splitlines() if line.startswith("| ")}
+    assert f"{lm['ipq']['ppl']:.2f}" in rows["qn_pq_0.1"] and rows["none"].count("–") == 2
+
+    # another schedule is another iPQ cell (and file); the fp32 cell and the dense training are reused
+    schedule = tmp_path / "other.yaml"
+    schedule.write_text("defaults:\n  Linear: {block_size: 4, n_centroids: 4}\n  Embedding: {block_size: 4, n_centroids: 4}\n"
+                        "stages:\n  - {name: ffn, layers: 'decoder\\.layers\\.\\d+\\.fc[12]', updates: 2}\n")
+    other = [str(c) for c in cmd[:cmd.index("--mt-modes") + 1]] + ["--lm-schedule", str(schedule)]
+    fourth = run(other).output
+    assert "[cached] lm qn_pq_0.1 fp32" in fourth and "[cached] lm qn_pq_0.1 ipq" not in fourth
+    assert "--task language_modeling" not in fourth  # no dense retraining
+    new_ipq = {c["column"]: c for c in json.loads((tmp_path / "results/reproduce.json").read_text())}["ipq"]
+    assert new_ipq["checkpoint"] != lm["ipq"]["checkpoint"] and new_ipq["bytes"] != lm["ipq"]["bytes"]
+    assert "other.yaml" in (tmp_path / "results/lm_kjv.md").read_text()
+    assert "no such file" in run(other[:-1] + [str(tmp_path / "missing.yaml")], check=False).output

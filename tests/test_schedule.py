@@ -48,6 +48,16 @@ def test_shipped_schedules_parse_and_match_their_models():
         load_schedule(REPO / "configs/ipq" / name)
 
 
+def test_embeddings_first_schedule_puts_the_tied_embedding_first_with_more_centroids():
+    schedule = load_schedule(REPO / "configs/ipq/qn_transformer_lm_embfirst_k1024.yaml")
+    assert schedule.defaults["Embedding"].n_centroids == 1024 and schedule.total_updates == 800
+    for d in schedule.defaults.values():
+        d.n_centroids = 16  # TinyLM has too few blocks for 1024
+    plans = plan_schedule(schedule, TinyLM())
+    assert [p.name for p in plans] == ["embeddings", "ffn", "attention"]
+    assert plans[0].layers[0].names == ["decoder.embed_tokens", "decoder.output_projection"]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
