@@ -126,18 +126,18 @@ class Runner:
 
     # -- training (cached: fairseq resumes from checkpoint_last.pt and stops at --max-update) --
 
-    def train(self, task: str, mode_flags: List[str]) -> Path:
+    def train(self, task: str, flags: List[str]) -> Path:
         p = self.preset
         lm = task == "lm"
         arch = p.lm_arch if lm else p.mt_arch
         updates = p.lm_updates if lm else p.mt_updates
-        save = self.work / f"{task}-train-{key(arch, mode_flags, updates, p.seed, p.max_tokens)}"
+        save = self.work / f"{task}-train-{key(arch, flags, updates, p.seed, p.max_tokens)}"
         task_flags = (["--task", "language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy",
                        "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))]
                       if lm else
                       ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
                        "--lr", "0.0007", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))])
-        run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, *arch, *mode_flags, *self.common(updates, save)], "train.log")
+        run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, *arch, *flags, *self.common(updates, save)], "train.log")
         return save / "checkpoint_last.pt"
 
     def ipq(self, task: str, dense: Path) -> Path:
@@ -157,7 +157,7 @@ class Runner:
         return save / "checkpoint_last.pt"
 
     def compressed(self, task: str, mode: str, column: str) -> Path:
-        dense = self.train(task, (LM_MODES if task == "lm" else MT_MODES)[mode])
+        dense = self.train(task, mode_flags(task, mode))
         base = {"fp32": dense, "int8": dense, "int4": dense}.get(column) or self.ipq(task, dense)
         out = base.parent.parent / f"{base.parent.name}-{column.replace('+', '_')}.pt"  # an iPQ file is named by its run
         if not out.exists():
@@ -173,7 +173,7 @@ class Runner:
     def cell(self, task: str, mode: str, column: str, compute: bool = True) -> Optional[dict]:
         """The cell's cached result, else (when ``compute``) train/compress/evaluate what it needs."""
         p = self.preset
-        parts = [asdict(p), (LM_MODES if task == "lm" else MT_MODES)[mode]]
+        parts = [asdict(p), mode_flags(task, mode)]
         if column.startswith("ipq"):  # an edited or overridden schedule is another cell
             parts.append(hashlib.sha256(self.schedule(task).read_bytes()).hexdigest())
         cache = self.work / "cells" / f"{task}-{mode}-{column}-{key(*parts)}.json"
@@ -216,6 +216,11 @@ MT_MODES = {"none": [], "qn_pq_0.1": ["--quant-noise-pq", "0.1"]}
 MT_COLUMNS = ["fp32", "int8", "ipq"]
 
 
+def mode_flags(task: str, mode: str) -> List[str]:
+    """The fairseq-train flags of a training mode (a row) of the LM or MT grid."""
+    return (LM_MODES if task == "lm" else MT_MODES)[mode]
+
+
 def render(results: List[dict], task: str, modes: List[str], columns: List[str], runner: Runner) -> str:
     metric = "ppl" if task == "lm" else "bleu"
     cells = {(r["mode"], r["column"]): r for r in results if r["task"] == task}
@@ -233,7 +238,7 @@ def render(results: List[dict], task: str, modes: List[str], columns: List[str],
             row.append(f" {r[metric]:.2f} ({r['bytes'] / 1e6:.2f} MB{ratio}) |")
         lines.append("".join(row))
     p = runner.preset
-    legend = "\n".join(f"- `{m}`: {MODE_DOC.get(m, m)}: `{' '.join((LM_MODES if task == 'lm' else MT_MODES)[m]) or '(no flags)'}`" for m in modes)
+    legend = "\n".join(f"- `{m}`: {MODE_DOC.get(m, m)}: `{' '.join(mode_flags(task, m)) or '(no flags)'}`" for m in modes)
     title = "Perplexity on the KJV test split (lower is better)" if task == "lm" else "BLEU (sacrebleu, detokenized) on the KJV->RV1909 test split"
     return (
         f"# {title}\n\nEach cell: {metric} (size on disk of the compressed checkpoint, compression ratio vs the fp32 one). "
@@ -301,9 +306,17 @@ def main(argv=None) -> None:
                         help="compute nothing: tables and plot from the cells cached under --work (e.g. cells copied from another machine)")
     args = parser.parse_args(argv)
     os.environ["QN_DEVICE"] = args.device
+    from quant_noise_plugin.schedule import ScheduleError, load_schedule
+
     for flag in ("lm_schedule", "mt_schedule"):
-        if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
-            parser.error(f"--{flag.replace('_', '-')}: no such file {getattr(args, flag)}")
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            parser.error(f"--{flag.replace('_', '-')}: no such file {path}")
+        try:
+            if path:
+                load_schedule(path)  # a bad schedule fails here, in one line, not hours into the grid
+        except ScheduleError as error:
+            parser.error(f"--{flag.replace('_', '-')}: {error}")
     for m in args.lm_modes:
         if m not in LM_MODES:
             parser.error(f"--lm-modes: unknown mode {m!r} (known: {', '.join(LM_MODES)})")

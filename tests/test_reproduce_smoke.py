@@ -53,3 +53,11 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     assert new_ipq["checkpoint"] != lm["ipq"]["checkpoint"] and new_ipq["bytes"] != lm["ipq"]["bytes"]
     assert "other.yaml" in (tmp_path / "results/lm_kjv.md").read_text()
     assert "no such file" in run(other[:-1] + [str(tmp_path / "missing.yaml")], check=False).output
+    schedule.write_text(schedule.read_text().replace("n_centroids: 4}", "n_centroids: 2}"))  # edited in place, same path
+    fifth = run(other).output
+    assert "[cached] lm qn_pq_0.1 fp32" in fifth and "[cached] lm qn_pq_0.1 ipq" not in fifth
+    edited = {c["column"]: c for c in json.loads((tmp_path / "results/reproduce.json").read_text())}["ipq"]
+    assert edited["checkpoint"] not in (new_ipq["checkpoint"], lm["ipq"]["checkpoint"])
+    schedule.write_text("stages:\n  - {name: ffn, layers: 'decoder\\.layers\\.\\d+\\.fc[12]', updates: 2, colour: red}\n")
+    bad = run(other, check=False)
+    assert bad.returncode == 2 and "--lm-schedule" in bad.output and "colour" in bad.output and "Traceback" not in bad.output
