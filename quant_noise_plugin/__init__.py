@@ -11,7 +11,9 @@ try:
 except ImportError:  # the math modules work without fairseq
     pass
 else:
+    from .errors import install_one_line_errors
     from .safe_load import allow_fairseq_checkpoint_classes
 
     allow_fairseq_checkpoint_classes()
+    install_one_line_errors()
     from . import criterions, models, tasks  # noqa: F401  (registration)

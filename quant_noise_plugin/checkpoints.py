@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from .atomic import atomic_file
+from .errors import QuantNoiseError
 from .safe_load import allow_fairseq_checkpoint_classes
 
 PACKED_MARKER = "quant_noise"  # top-level key of packed checkpoints: {"packed": True, "format": 1}
@@ -18,7 +18,7 @@ PLUGIN_TASKS = {"language_modeling": "ipq_language_modeling", "translation": "ip
 PLUGIN_CRITERIONS = {"cross_entropy": "qn_cross_entropy", "label_smoothed_cross_entropy": "qn_label_smoothed_cross_entropy"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QuantNoiseError):
     """A checkpoint that cannot be used: the message names the file and says what to do."""
 
 
@@ -41,17 +41,9 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
 
 def write_checkpoint_atomically(state: Dict[str, Any], path: str | Path) -> int:
     """Write next to ``path`` then rename, so a crash never leaves a half-written file. Returns bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path.stat().st_size
+    return Path(path).stat().st_size
 
 
 def is_packed(state: Dict[str, Any]) -> bool:
@@ -101,6 +93,15 @@ def use_plugin_names(cfg: Dict[str, Any]) -> None:
         )
 
 
+def without_namespaces(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The cfg with each argparse.Namespace section as a plain dict (legacy archs store one for the model).
+
+    torch's safe loader refuses a Namespace unless it is allow-listed, which the plugin does but stock
+    fairseq does not; plain dicts load anywhere, and fairseq builds legacy models from them as well.
+    """
+    return {k: dict(vars(v)) if isinstance(v, argparse.Namespace) else v for k, v in cfg.items()}
+
+
 def _coerce(dc, key: str, value):
     """Legacy arch functions store False in some Optional[int] fields (base_shuffle); dataclasses reject that."""
     field = dc.__dataclass_fields__.get(key)
@@ -118,7 +119,9 @@ def use_stock_names(cfg: Dict[str, Any]) -> None:
     fields = vars(model) if isinstance(model, argparse.Namespace) else dict(model)
     name = fields.get("_name") or fields.get("arch")
     name = stock_arch.get(_model_family(name), name)
-    fields = {k: v for k, v in fields.items() if not k.startswith(("quant_noise_scalar_bits", "quant_noise_scalar_per", "quant_noise_exclude"))}
+    from .fairseq_options import PLUGIN_MODEL_FIELDS
+
+    fields = {k: v for k, v in fields.items() if k not in PLUGIN_MODEL_FIELDS}
     fields["_name"] = name
     if "arch" in fields:
         fields["arch"] = name

@@ -78,11 +78,19 @@ def _print_size(summary: dict, out=sys.stdout) -> None:
     print("-" * len(header), file=out)
     mb = 1e6
     print(f"dense fp32 size:                  {summary['dense_fp32_bytes'] / mb:10.3f} MB", file=out)
-    print(f"compressed size (paper counting): {summary['compressed_bytes'] / mb:10.3f} MB", file=out)
+    quantized = any(r["method"].startswith(("pq", "int")) for r in summary["layers"])
+    if quantized:
+        print(f"compressed size (paper counting): {summary['compressed_bytes'] / mb:10.3f} MB", file=out)
+    else:
+        print(f"fp16 size (no layer is quantized): {summary['compressed_bytes'] / mb:10.3f} MB", file=out)
     print(f"packed file size (predicted):     {summary['predicted_packed_file_bytes'] / mb:10.3f} MB", file=out)
     if "file_bytes" in summary:
         print(f"this file on disk:                {summary['file_bytes'] / mb:10.3f} MB", file=out)
-    print(f"compression ratio (fp32 / compressed): x{summary['compression_ratio']:.1f}", file=out)
+    if quantized:
+        print(f"compression ratio (fp32 / compressed): x{summary['compression_ratio']:.1f}", file=out)
+    else:
+        print(f"compression ratio: x{summary['compression_ratio']:.1f} from fp16 storage alone; run iPQ "
+              f"(--task ipq_*) or `quant-noise pack --scalar-bits 8` to quantize", file=out)
 
 
 def cmd_size(args) -> int:
@@ -128,7 +136,9 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from .checkpoints import PACKED_MARKER, CheckpointError, is_packed, read_checkpoint, use_plugin_names, write_checkpoint_atomically
+    from .checkpoints import (
+        PACKED_MARKER, CheckpointError, is_packed, read_checkpoint, use_plugin_names, without_namespaces, write_checkpoint_atomically,
+    )
     from .compressed import pack_state_dict, scalar_quantize_remaining_
 
     state = read_checkpoint(args.checkpoint)
@@ -143,6 +153,7 @@ def cmd_pack(args) -> int:
         done = scalar_quantize_remaining_(model, bits)
         logger.info("int%d codes for %d layers left in float", bits, len(done))
     packed = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
+    packed["cfg"] = without_namespaces(state["cfg"])
     packed["model"] = pack_state_dict(model, centroid_bits=bits)
     packed[PACKED_MARKER] = {"packed": True, "format": 1, "scalar_bits": bits, "source": os.path.basename(args.checkpoint)}
     summary = _size_summary(model, packed, centroid_bits=bits)

@@ -23,6 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from .atomic import output_mode
+from .errors import QuantNoiseError
+
 logger = logging.getLogger(__name__)
 
 DEBIAN_PACKAGES = ("bible-kjv", "diatheke", "sword-text-sparv")
@@ -32,7 +35,7 @@ MARKER = ".complete.json"
 Verse = Tuple[int, int, int]  # book index, chapter, verse
 
 
-class DataError(RuntimeError):
+class DataError(QuantNoiseError, RuntimeError):
     pass
 
 
@@ -205,6 +208,7 @@ def prepare(output: str | Path, force: bool = False, tiny: bool = False) -> dict
         (tmp / MARKER).write_text(json.dumps({"recipe": _recipe(tiny), "stats": stats}, indent=1))
         if output.exists():
             shutil.rmtree(output)
+        os.chmod(tmp, output_mode(directory=True))  # mkdtemp makes 0700; the output follows the umask
         os.replace(tmp, output)
     finally:
         if tmp.exists():

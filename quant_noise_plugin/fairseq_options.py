@@ -4,7 +4,7 @@
 """
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
@@ -13,24 +13,44 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from .quant_noise import QuantNoiseConfig
 
 
+HELP = {
+    "pq": "Quant-Noise rate P for iPQ: fraction of weight blocks dropped each forward",
+    "pq_block_size": "block size of the PQ noise (and of the later iPQ)",
+    "scalar": "fraction of weights fake-quantized each forward (1 = QAT)",
+    "scalar_bits": "bits of the scalar (fake) quantizer: 4 or 8",
+    "scalar_per_channel": "scalar noise: one scale per output row instead of per tensor",
+    "exclude": "regex over module names that get no noise, e.g. 'embed_tokens|output_projection'",
+    "pq_embeddings": "PQ noise rate of embedding tables and the output projections tied to them (default: --quant-noise-pq)",
+    "pq_centroids": "0: dropped blocks are zeroed (the paper's proxy); K>0: selected blocks are replaced by their nearest "
+                    "of K centroids k-means'd from the layer's weight (the real iPQ error, straight-through)",
+    "pq_refit_updates": "with --quant-noise-pq-centroids: refit the centroids every this many updates",
+    "start_update": "no noise before this update (e.g. noise only in the last part of training)",
+    "ramp_updates": "from --quant-noise-start-update, raise every rate linearly from 0 over this many updates",
+}
+
+
 @dataclass
 class QuantNoiseExtraOptions(FairseqDataclass):
     """Options fairseq's own architectures lack (they define pq, pq-block-size and scalar)."""
 
-    quant_noise_scalar_bits: int = field(default=8, metadata={"help": "bits of the scalar (fake) quantizer: 4 or 8"})
-    quant_noise_scalar_per_channel: bool = field(
-        default=False, metadata={"help": "scalar noise: one scale per output row instead of per tensor"}
-    )
-    quant_noise_exclude: Optional[str] = field(
-        default=None, metadata={"help": "regex over module names that get no noise, e.g. 'embed_tokens|output_projection'"}
-    )
+    quant_noise_scalar_bits: int = field(default=8, metadata={"help": HELP["scalar_bits"]})
+    quant_noise_scalar_per_channel: bool = field(default=False, metadata={"help": HELP["scalar_per_channel"]})
+    quant_noise_exclude: Optional[str] = field(default=None, metadata={"help": HELP["exclude"]})
+    quant_noise_pq_embeddings: Optional[float] = field(default=None, metadata={"help": HELP["pq_embeddings"]})
+    quant_noise_pq_centroids: int = field(default=0, metadata={"help": HELP["pq_centroids"]})
+    quant_noise_pq_refit_updates: int = field(default=100, metadata={"help": HELP["pq_refit_updates"]})
+    quant_noise_start_update: int = field(default=0, metadata={"help": HELP["start_update"]})
+    quant_noise_ramp_updates: int = field(default=0, metadata={"help": HELP["ramp_updates"]})
+
+
+PLUGIN_MODEL_FIELDS = tuple(f.name for f in fields(QuantNoiseExtraOptions))  # what stock fairseq configs lack
 
 
 @dataclass
 class QuantNoiseOptions(QuantNoiseExtraOptions):
-    quant_noise_pq: float = field(default=0.0, metadata={"help": "Quant-Noise rate P for iPQ: fraction of weight blocks dropped each forward"})
-    quant_noise_pq_block_size: int = field(default=8, metadata={"help": "block size of the PQ noise (and of the later iPQ)"})
-    quant_noise_scalar: float = field(default=0.0, metadata={"help": "fraction of weights fake-quantized each forward (1 = QAT)"})
+    quant_noise_pq: float = field(default=0.0, metadata={"help": HELP["pq"]})
+    quant_noise_pq_block_size: int = field(default=8, metadata={"help": HELP["pq_block_size"]})
+    quant_noise_scalar: float = field(default=0.0, metadata={"help": HELP["scalar"]})
 
 
 def add_missing_args(parser: argparse.ArgumentParser, dataclass_instance: FairseqDataclass) -> None:
@@ -53,12 +73,17 @@ class CriterionNoiseOptions(FairseqDataclass):
     field names keep the model config clean; see ``add_criterion_noise_args`` for the flags.
     """
 
-    qn_pq: float = field(default=0.0, metadata={"help": QuantNoiseOptions.__dataclass_fields__["quant_noise_pq"].metadata["help"]})
-    qn_pq_block_size: int = field(default=8, metadata={"help": "block size of the PQ noise (and of the later iPQ)"})
-    qn_scalar: float = field(default=0.0, metadata={"help": "fraction of weights fake-quantized each forward (1 = QAT)"})
-    qn_scalar_bits: int = field(default=8, metadata={"help": "bits of the scalar (fake) quantizer: 4 or 8"})
-    qn_scalar_per_channel: bool = field(default=False, metadata={"help": "scalar noise: one scale per output row"})
-    qn_exclude: Optional[str] = field(default=None, metadata={"help": "regex over module names that get no noise"})
+    qn_pq: float = field(default=0.0, metadata={"help": HELP["pq"]})
+    qn_pq_block_size: int = field(default=8, metadata={"help": HELP["pq_block_size"]})
+    qn_scalar: float = field(default=0.0, metadata={"help": HELP["scalar"]})
+    qn_scalar_bits: int = field(default=8, metadata={"help": HELP["scalar_bits"]})
+    qn_scalar_per_channel: bool = field(default=False, metadata={"help": HELP["scalar_per_channel"]})
+    qn_exclude: Optional[str] = field(default=None, metadata={"help": HELP["exclude"]})
+    qn_pq_embeddings: Optional[float] = field(default=None, metadata={"help": HELP["pq_embeddings"]})
+    qn_pq_centroids: int = field(default=0, metadata={"help": HELP["pq_centroids"]})
+    qn_pq_refit_updates: int = field(default=100, metadata={"help": HELP["pq_refit_updates"]})
+    qn_start_update: int = field(default=0, metadata={"help": HELP["start_update"]})
+    qn_ramp_updates: int = field(default=0, metadata={"help": HELP["ramp_updates"]})
 
 
 CRITERION_PREFIX = "qn_"

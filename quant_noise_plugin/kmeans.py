@@ -24,9 +24,18 @@ class KMeansResult:
     history: List[float] = field(default_factory=list)  # objective after each iteration (torch backend)
 
 
+def _import_faiss():
+    """faiss, without its loader's INFO lines: it tries the AVX512 and AVX2 builds first and logs
+    ``ModuleNotFoundError`` for each one the wheel lacks, which reads like a failure but is not."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
 def faiss_available() -> bool:
     try:
-        import faiss  # noqa: F401
+        _import_faiss()
     except ImportError:
         return False
     return True
@@ -75,7 +84,7 @@ def _kmeans_torch(points: Tensor, k: int, n_iter: int, seed: int) -> KMeansResul
 
 
 def _kmeans_faiss(points: Tensor, k: int, n_iter: int, seed: int) -> KMeansResult:
-    import faiss
+    faiss = _import_faiss()
 
     x = points.detach().cpu().float().contiguous().numpy()
     n, d = x.shape

@@ -47,6 +47,26 @@ def pq_noise(weight: Tensor, p: float, block_size: int, generator: Optional[torc
     return (blocks * keep).reshape(weight.shape)
 
 
+def centroid_noise(weight: Tensor, p: float, centroids: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Replace a random P fraction of blocks by their nearest centroid: the real PQ error, not a proxy.
+
+    Blocks are runs of ``centroids.shape[1]`` consecutive input weights, as in :func:`pq_noise`.
+    Only the selected blocks are assigned (a P fraction of the nearest-centroid search).
+    Straight-through: the replacement is a detached offset, so every weight gets its gradient.
+    """
+    if p <= 0:
+        return weight
+    block_size = centroids.shape[1]
+    blocks = weight.detach().reshape(-1, block_size)
+    selected = torch.rand(blocks.shape[0], device=weight.device, generator=generator) < p
+    index = selected.nonzero().squeeze(1)
+    picked = blocks.index_select(0, index).to(centroids.dtype)
+    distances = (picked * picked).sum(1, keepdim=True) - 2.0 * picked @ centroids.T + (centroids * centroids).sum(1)
+    nearest = centroids.index_select(0, distances.argmin(1))
+    offset = torch.zeros_like(blocks).index_copy_(0, index, (nearest - picked).to(blocks.dtype))
+    return weight + offset.reshape(weight.shape)
+
+
 def scalar_noise(
     weight: Tensor,
     p: float,

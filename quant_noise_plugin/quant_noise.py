@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 from torch import Tensor, nn
 
-from .noise import check_probability, pq_noise, scalar_noise
+from .kmeans import kmeans
+from .noise import centroid_noise, check_probability, pq_noise, scalar_noise
 from .scalar import check_bits
 from .weight_swap import add_weight_fn, materialize_attention_weights
 
@@ -27,17 +28,30 @@ NOISED_TYPES = (nn.Linear, nn.Embedding)
 class QuantNoiseConfig:
     pq: float = 0.0
     pq_block_size: int = 8
+    pq_embeddings: Optional[float] = None  # PQ rate of embedding tables and weights tied to them; None: pq
+    pq_centroids: int = 0  # 0: dropped blocks are zeroed (the paper's proxy); K: replaced by their nearest of K centroids
+    pq_refit_updates: int = 100  # centroid noise: k-means refit interval, in updates
     scalar: float = 0.0
     scalar_bits: int = 8
     scalar_per_channel: bool = False
     exclude: Optional[str] = None  # regex over module names left without noise
+    start_update: int = 0  # no noise before this update
+    ramp_updates: int = 0  # then the rates rise linearly to their value over this many updates
 
     def validate(self) -> "QuantNoiseConfig":
         check_probability(self.pq, "--quant-noise-pq")
+        if self.pq_embeddings is not None:
+            check_probability(self.pq_embeddings, "--quant-noise-pq-embeddings")
         check_probability(self.scalar, "--quant-noise-scalar", allow_one=True)
         check_bits(self.scalar_bits, "--quant-noise-scalar-bits")
         if self.pq_block_size <= 0:
             raise ValueError(f"--quant-noise-pq-block-size={self.pq_block_size}: must be positive")
+        for flag, value in (("--quant-noise-pq-centroids", self.pq_centroids), ("--quant-noise-start-update", self.start_update),
+                            ("--quant-noise-ramp-updates", self.ramp_updates)):
+            if value < 0:
+                raise ValueError(f"{flag}={value}: must be >= 0")
+        if self.pq_refit_updates <= 0:
+            raise ValueError(f"--quant-noise-pq-refit-updates={self.pq_refit_updates}: must be positive")
         if self.exclude:
             try:
                 re.compile(self.exclude)
@@ -45,35 +59,95 @@ class QuantNoiseConfig:
                 raise ValueError(f"--quant-noise-exclude={self.exclude!r}: invalid regex ({e})") from None
         return self
 
+    def pq_rate(self, embedding: bool) -> float:
+        return self.pq_embeddings if embedding and self.pq_embeddings is not None else self.pq
+
     @property
     def enabled(self) -> bool:
-        return self.pq > 0 or self.scalar > 0
+        return self.pq > 0 or (self.pq_embeddings or 0) > 0 or self.scalar > 0
+
+    def rate_scale(self, update: int) -> float:
+        """Fraction of the configured rates in force at ``update`` (0 before the start, then a linear ramp)."""
+        if update < self.start_update:
+            return 0.0
+        if self.ramp_updates <= 0:
+            return 1.0
+        return min(1.0, (update - self.start_update + 1) / self.ramp_updates)
 
     @classmethod
     def from_fairseq_cfg(cls, cfg, prefix: str = "quant_noise_") -> "QuantNoiseConfig":
         """Read the ``<prefix>*`` fields of a fairseq model/criterion config (or Namespace)."""
         def get(name, default):
-            value = getattr(cfg, prefix + name[len("quant_noise_"):], None)
+            value = getattr(cfg, prefix + name, None)
             return default if value is None else value
 
+        pq_embeddings = get("pq_embeddings", None)
         return cls(
-            pq=float(get("quant_noise_pq", 0.0)),
-            pq_block_size=int(get("quant_noise_pq_block_size", 8)),
-            scalar=float(get("quant_noise_scalar", 0.0)),
-            scalar_bits=int(get("quant_noise_scalar_bits", 8)),
-            scalar_per_channel=bool(get("quant_noise_scalar_per_channel", False)),
-            exclude=get("quant_noise_exclude", None) or None,
+            pq=float(get("pq", 0.0)),
+            pq_block_size=int(get("pq_block_size", 8)),
+            pq_embeddings=None if pq_embeddings is None else float(pq_embeddings),
+            pq_centroids=int(get("pq_centroids", 0)),
+            pq_refit_updates=int(get("pq_refit_updates", 100)),
+            scalar=float(get("scalar", 0.0)),
+            scalar_bits=int(get("scalar_bits", 8)),
+            scalar_per_channel=bool(get("scalar_per_channel", False)),
+            exclude=get("exclude", None) or None,
+            start_update=int(get("start_update", 0)),
+            ramp_updates=int(get("ramp_updates", 0)),
         ).validate()
 
 
-def _noise_fn(module: nn.Module, cfg: QuantNoiseConfig):
+REFIT_KMEANS_ITERATIONS = 10
+
+
+class NoiseClock:
+    """The training update count that rate schedules and centroid refits follow.
+
+    fairseq models pass the update count to every submodule that has ``set_num_updates`` (before
+    each training forward); each noised layer carries this clock's method under that name.
+    """
+
+    def __init__(self) -> None:
+        self.update = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.update = int(num_updates)
+
+
+class _Codebooks:
+    """Centroid noise: the k-means centroids of each noised weight, refit every ``pq_refit_updates``.
+
+    Kept outside the model (no state dict entry, nothing to convert); tied layers share one
+    weight, hence one codebook. A resumed run refits at its first forward.
+    """
+
+    def __init__(self, cfg: QuantNoiseConfig, clock: NoiseClock) -> None:
+        self.cfg, self.clock = cfg, clock
+        self.fitted: Dict[int, Tuple[Tensor, int]] = {}
+
+    def centroids(self, weight: Tensor) -> Tensor:
+        entry = self.fitted.get(id(weight))
+        if entry is None or self.clock.update - entry[1] >= self.cfg.pq_refit_updates or self.clock.update < entry[1]:
+            blocks = weight.detach().float().reshape(-1, self.cfg.pq_block_size)
+            result = kmeans(blocks, self.cfg.pq_centroids, n_iter=REFIT_KMEANS_ITERATIONS, seed=0)
+            entry = (result.centroids, self.clock.update)
+            self.fitted[id(weight)] = entry
+        return entry[0]
+
+
+def _noise_fn(module: nn.Module, cfg: QuantNoiseConfig, pq_rate: float, clock: NoiseClock, codebooks: _Codebooks):
     def noised(weight: Optional[Tensor]) -> Optional[Tensor]:
         if not module.training or weight is None:
             return None
-        if cfg.pq > 0:
-            weight = pq_noise(weight, cfg.pq, cfg.pq_block_size)
+        scale = cfg.rate_scale(clock.update)
+        if scale <= 0:
+            return None
+        if pq_rate > 0 and cfg.pq_centroids:
+            weight = centroid_noise(weight, pq_rate * scale, codebooks.centroids(weight))
+        elif pq_rate > 0:
+            weight = pq_noise(weight, pq_rate * scale, cfg.pq_block_size)
         if cfg.scalar > 0:
-            weight = scalar_noise(weight, cfg.scalar, cfg.scalar_bits, cfg.scalar_per_channel)
+            weight = scalar_noise(weight, cfg.scalar * scale, cfg.scalar_bits, cfg.scalar_per_channel)
         return weight
 
     return noised
@@ -126,29 +200,60 @@ def noise_targets(model: nn.Module, cfg: QuantNoiseConfig) -> List[str]:
     return names
 
 
+def embedding_weight_ids(model: nn.Module) -> Set[int]:
+    """Weights of embedding tables, which a tied output projection (the softmax) shares."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not None}
+
+
+def noise_rates(model: nn.Module, cfg: QuantNoiseConfig) -> Dict[str, float]:
+    """PQ rate of each noised module (embedding tables and the layers tied to them may differ)."""
+    modules = dict(model.named_modules())
+    embeddings = embedding_weight_ids(model)
+    return {name: cfg.pq_rate(id(modules[name].weight) in embeddings) for name in noise_targets(model, cfg)}
+
+
 def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig) -> List[str]:
     """Attach Quant-Noise to ``model`` in place; returns the names of the noised modules.
 
     Raises a one-line ValueError naming the layer when the PQ block size does not divide a noised
-    layer's input dimension.
+    layer's input dimension, or a layer has fewer blocks than ``pq_centroids``.
     """
     cfg.validate()
     remove_fairseq_builtin_noise_(model)
     if not cfg.enabled:
         return []
-    names = noise_targets(model, cfg)
+    rates = noise_rates(model, cfg)
+    names = [name for name, rate in rates.items() if rate > 0 or cfg.scalar > 0]
     modules = dict(model.named_modules())
-    if cfg.pq > 0:
-        for name in names:
-            cols = modules[name].weight.shape[-1]
-            if cols % cfg.pq_block_size:
-                raise ValueError(
-                    f"--quant-noise-pq-block-size={cfg.pq_block_size} does not divide the input dimension of "
-                    f"layer {name} (weight shape {tuple(modules[name].weight.shape)}); pick a divisor or exclude it "
-                    f"with --quant-noise-exclude"
-                )
     for name in names:
-        add_weight_fn(modules[name], _noise_fn(modules[name], cfg))
+        weight = modules[name].weight
+        cols = weight.shape[-1]
+        if rates[name] > 0 and cols % cfg.pq_block_size:
+            raise ValueError(
+                f"--quant-noise-pq-block-size={cfg.pq_block_size} does not divide the input dimension of "
+                f"layer {name} (weight shape {tuple(weight.shape)}); pick a divisor or exclude it "
+                f"with --quant-noise-exclude"
+            )
+        if rates[name] > 0 and cfg.pq_centroids > weight.numel() // cfg.pq_block_size:
+            raise ValueError(
+                f"--quant-noise-pq-centroids={cfg.pq_centroids}: layer {name} (weight shape {tuple(weight.shape)}) has only "
+                f"{weight.numel() // cfg.pq_block_size} blocks of {cfg.pq_block_size}"
+            )
+    clock = NoiseClock()
+    codebooks = _Codebooks(cfg, clock)
+    for name in names:
+        module = modules[name]
+        add_weight_fn(module, _noise_fn(module, cfg, rates[name], clock, codebooks))
+        module.set_num_updates = clock.set_num_updates
     materialize_attention_weights(model)
-    logger.info("quant-noise: pq=%s (block %d), scalar=%s (int%d) on %d layers", cfg.pq, cfg.pq_block_size, cfg.scalar, cfg.scalar_bits, len(names))
+    model.__dict__["quant_noise_clock"] = clock
+    extras = [f"embeddings pq={cfg.pq_embeddings}"] if cfg.pq_embeddings is not None else []
+    if cfg.pq_centroids:
+        extras.append(f"centroid noise K={cfg.pq_centroids}, refit every {cfg.pq_refit_updates} updates")
+    if cfg.start_update or cfg.ramp_updates:
+        extras.append(f"from update {cfg.start_update}, ramp {cfg.ramp_updates} updates")
+    logger.info(
+        "quant-noise: pq=%s (block %d), scalar=%s (int%d) on %d layers%s",
+        cfg.pq, cfg.pq_block_size, cfg.scalar, cfg.scalar_bits, len(names), "".join(f"; {e}" for e in extras),
+    )
     return names

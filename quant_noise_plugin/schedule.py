@@ -18,12 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from .bitpack import bits_for
+from .errors import QuantNoiseError
 from .pq import check_pq_shape
 
 LAYER_TYPES = {"Linear": nn.Linear, "Embedding": nn.Embedding}
 
 
-class ScheduleError(ValueError):
+class ScheduleError(QuantNoiseError):
     """A schedule that cannot run: the message names the file, key, stage or layer."""
 
 

@@ -1,11 +1,13 @@
 """The paper's Table 1 in small, on real text: `make reproduce` (hours on 2 CPU cores).
 
-LM (KJV, perplexity on the test split) and MT (KJV -> RV1909, sacrebleu BLEU on detokenized
-fairseq-generate output). Rows are training modes, columns compression methods; every cell is a
-real evaluation of a real compressed checkpoint, with its real size on disk. Each training run,
-iPQ run and cell is cached under --work by its configuration, and fairseq resumes interrupted
-runs, so a rerun continues where it stopped. Writes results/lm_kjv.md, results/mt_en_es.md,
-results/size_vs_quality.png and results/reproduce.json.
+LM (KJV, perplexity) and MT (KJV -> RV1909, sacrebleu BLEU on detokenized fairseq-generate
+output). Rows are training modes, columns compression methods; every cell is a real evaluation
+of a real compressed checkpoint, on the valid split (to choose) and the test split (to report),
+with its real size on disk, for each seed. Each training run, iPQ run and cell is cached under
+--work by its configuration, and fairseq resumes interrupted runs, so a rerun continues where it
+stopped. Writes results/lm_kjv.md, results/mt_en_es.md, results/size_vs_quality.png and
+results/reproduce.json; with --table ablation, results/ablation_noise.md (every lever, both seeds,
+valid and test, both iPQ schedules, against the equal-budget dense control).
 """
 from __future__ import annotations
 
@@ -13,29 +15,66 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import PLUGIN, REPO, device_flags, run_once, sh  # noqa: E402
 
-LM_MODES = {
-    "none": [],
-    "qat_int4": ["--quant-noise-scalar", "1.0", "--quant-noise-scalar-bits", "4"],
-    "qn_pq_0.05": ["--quant-noise-pq", "0.05"],
-    "qn_pq_0.1": ["--quant-noise-pq", "0.1"],
-    "qn_pq_0.2": ["--quant-noise-pq", "0.2"],
-    "qn_scalar_0.5_int4": ["--quant-noise-scalar", "0.5", "--quant-noise-scalar-bits", "4"],
+
+@dataclass(frozen=True)
+class Mode:
+    """A row: how the model is trained before it is compressed.
+
+    ``updates``: "preset" (the preset's training budget), "preset+ipq" (plus the iPQ schedule's
+    updates: the equal-budget dense control), or "N%" of the preset's budget. With ``base``, the
+    run finetunes that mode's trained model (``--finetune-from-model``) for ``updates`` more.
+    Flags may hold "{N%}", replaced by N% of the preset's training updates.
+    """
+
+    flags: Tuple[str, ...] = ()
+    doc: str = ""
+    base: Optional[str] = None
+    updates: str = "preset"
+
+
+QN = "--quant-noise-pq"
+LM_MODES: Dict[str, Mode] = {
+    "none": Mode((), "no noise"),
+    "qat_int4": Mode(("--quant-noise-scalar", "1.0", "--quant-noise-scalar-bits", "4"),
+                     "QAT: every weight int4 fake-quantized each forward (scalar noise P=1, straight-through)"),
+    "qn_pq_0.05": Mode((QN, "0.05"), "Quant-Noise, PQ proxy P=0.05 on every layer"),
+    "qn_pq_0.1": Mode((QN, "0.1"), "Quant-Noise, PQ proxy P=0.1 on every layer (the paper's LM rate)"),
+    "qn_pq_0.2": Mode((QN, "0.2"), "Quant-Noise, PQ proxy P=0.2 on every layer"),
+    "qn_scalar_0.5_int4": Mode(("--quant-noise-scalar", "0.5", "--quant-noise-scalar-bits", "4"), "Quant-Noise, int4 scalar P=0.5"),
+    # the noise ablation (results/ablation_noise.md)
+    "none_long": Mode((), "dense control: no noise, trained for the preset's updates plus the iPQ schedule's", updates="preset+ipq"),
+    "qn_pq_0.1_no_out": Mode((QN, "0.1", "--quant-noise-exclude", "output_projection"),
+                             "P=0.1, not on the output softmax (the tied embedding is noised as the input lookup only)"),
+    "qn_pq_0.1_no_emb": Mode((QN, "0.1", "--quant-noise-exclude", "embed_tokens|output_projection"),
+                             "P=0.1 on the Linear layers only, as fairseq places it"),
+    "qn_emb_0.1": Mode((QN, "0", "--quant-noise-pq-embeddings", "0.1"), "P=0.1 on the tied embedding only (lookup and softmax)"),
+    "qn_pq_0.1_late": Mode((QN, "0.1", "--quant-noise-start-update", "{50%}", "--quant-noise-ramp-updates", "{25%}"),
+                           "P=0.1 on every layer, off for the first half of training, then ramped up over a quarter"),
+    "qn_centroids_0.1": Mode((QN, "0.1", "--quant-noise-pq-centroids", "256"),
+                             "P=0.1 on every layer, selected blocks replaced by their nearest of 256 k-means centroids (the real PQ error)"),
+    "qn_centroids_0.3": Mode((QN, "0.3", "--quant-noise-pq-centroids", "256"), "as qn_centroids_0.1 with P=0.3"),
+    "ft_none": Mode((), "control of ft_qn_pq_0.1: the `none` model trained a third more, without noise", base="none", updates="33%"),
+    "ft_qn_pq_0.1": Mode((QN, "0.1"), "Quant-Noise as finetuning: the `none` model, then a third more updates with P=0.1", base="none", updates="33%"),
+}
+MT_MODES: Dict[str, Mode] = {
+    "none": LM_MODES["none"],
+    "qn_pq_0.1": LM_MODES["qn_pq_0.1"],
+    "none_long": LM_MODES["none_long"],
 }
 COLUMNS = ["fp32", "int8", "int4", "ipq", "ipq+int8"]
-MODE_DOC = {
-    "none": "no noise",
-    "qat_int4": "QAT: every weight int4 fake-quantized each forward (scalar noise P=1, straight-through)",
-    "qn_pq_0.05": "Quant-Noise, PQ proxy P=0.05", "qn_pq_0.1": "Quant-Noise, PQ proxy P=0.1 (the paper's LM rate)",
-    "qn_pq_0.2": "Quant-Noise, PQ proxy P=0.2", "qn_scalar_0.5_int4": "Quant-Noise, int4 scalar P=0.5",
-}
+MT_COLUMNS = ["fp32", "int8", "ipq"]
+SCHEDULE_COLUMNS = ("ipq", "ipq_k1024")  # a column "<schedule column>[+int8]" is that schedule's iPQ model, packed
+FINETUNE_LR_FACTOR = 0.5  # finetuning rows (and their controls) run at half the preset's peak learning rate
 
 
 @dataclass
@@ -46,6 +85,7 @@ class Preset:
     mt_updates: int
     lm_schedule: str
     mt_schedule: str
+    lm_schedule_k1024: str = ""  # the embeddings-first schedule with 1024 embedding centroids (column ipq_k1024)
     max_tokens: int = 2048
     tokens_per_sample: int = 128
     seed: int = 1
@@ -58,12 +98,14 @@ PRESETS = {
         mt_arch=["--arch", "qn_transformer_small", "--share-all-embeddings"],
         lm_updates=2000, mt_updates=2000,
         lm_schedule="configs/ipq/qn_transformer_lm.yaml", mt_schedule="configs/ipq/qn_transformer.yaml",
+        lm_schedule_k1024="configs/ipq/qn_transformer_lm_embfirst_k1024.yaml",
     ),
     "quick": Preset(  # the demo's budget: what one session on 2 CPU cores can run (~1.5 h for the default grid)
         lm_arch=["--arch", "qn_transformer_lm_small"],
         mt_arch=["--arch", "qn_transformer_small", "--share-all-embeddings", "--encoder-layers", "2", "--decoder-layers", "2"],
         lm_updates=600, mt_updates=400,
         lm_schedule="configs/ipq/qn_transformer_lm_demo.yaml", mt_schedule="configs/ipq/qn_transformer_demo.yaml",
+        lm_schedule_k1024="configs/ipq/qn_transformer_lm_demo_embfirst_k1024.yaml",
     ),
     "smoke": Preset(  # tests: a tiny model, a handful of updates
         lm_arch=["--arch", "qn_transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
@@ -71,27 +113,48 @@ PRESETS = {
         mt_arch=["--arch", "qn_transformer", "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
                  "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
                  "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-all-embeddings"],
-        lm_updates=3, mt_updates=3, lm_schedule="SMOKE", mt_schedule="SMOKE", max_tokens=512, tokens_per_sample=64,
+        lm_updates=3, mt_updates=3, lm_schedule="SMOKE", mt_schedule="SMOKE", lm_schedule_k1024="SMOKE_K",
+        max_tokens=512, tokens_per_sample=64,
     ),
 }
 
-SMOKE_SCHEDULE = """defaults:
+SMOKE_SCHEDULES = {
+    "SMOKE": """defaults:
   Linear: {block_size: 4, n_centroids: 8}
   Embedding: {block_size: 4, n_centroids: 8}
 kmeans_iterations: 3
 stages:
   - {name: all, layers: '(encoder|decoder)\\.(layers\\.\\d+\\.(fc[12]|(self_attn|encoder_attn)\\.(q|k|v|out)_proj)|embed_tokens)', updates: 2}
-"""
+""",
+    "SMOKE_K": """defaults:
+  Linear: {block_size: 4, n_centroids: 8}
+  Embedding: {block_size: 4, n_centroids: 16}
+kmeans_iterations: 3
+stages:
+  - {name: embeddings, layers: 'decoder\\.embed_tokens', updates: 1}
+  - {name: rest, layers: 'decoder\\.layers\\.\\d+\\.(fc[12]|self_attn\\.(q|k|v|out)_proj)', updates: 1}
+""",
+}
 
 
 def key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def modes_of(task: str) -> Dict[str, Mode]:
+    return LM_MODES if task == "lm" else MT_MODES
+
+
+def split_column(column: str) -> Tuple[str, Optional[int]]:
+    """"ipq_k1024+int8" -> ("ipq_k1024", 8); "int4" -> ("int4", None)."""
+    base, _, suffix = column.partition("+")
+    return base, (int(suffix[3:]) if suffix else None)
+
+
 class Runner:
-    def __init__(self, args):
+    def __init__(self, args, seed: Optional[int] = None):
         self.args = args
-        self.preset = PRESETS[args.preset]
+        self.preset = PRESETS[args.preset] if seed is None else replace(PRESETS[args.preset], seed=seed)
         self.work = Path(args.work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.data = Path(args.data).resolve()
@@ -105,17 +168,51 @@ class Runner:
 
         return torch.cuda.get_device_name(0)
 
-    def schedule(self, which: str) -> Path:
-        """The iPQ schedule for "lm"/"mt": --lm-schedule/--mt-schedule, else the preset's."""
-        override = getattr(self.args, f"{which}_schedule")
-        if override:
-            return Path(override).resolve()
-        path = getattr(self.preset, f"{which}_schedule")
-        if path == "SMOKE":
-            smoke = self.work / "smoke_schedule.yaml"
-            smoke.write_text(SMOKE_SCHEDULE)
+    def schedule(self, task: str, column: str = "ipq") -> Path:
+        """The iPQ schedule of an iPQ column: --lm-schedule/--mt-schedule for "ipq", else the preset's."""
+        if column == "ipq" and getattr(self.args, f"{task}_schedule"):
+            return Path(getattr(self.args, f"{task}_schedule")).resolve()
+        if column == "ipq_k1024" and task != "lm":
+            raise SystemExit(f"column {column} exists for the LM only")
+        path = getattr(self.preset, f"{task}_schedule" if column == "ipq" else f"{task}_schedule_k1024")
+        if path in SMOKE_SCHEDULES:
+            smoke = self.work / f"{path.lower()}_schedule.yaml"
+            smoke.write_text(SMOKE_SCHEDULES[path])
             return smoke
         return REPO / path
+
+    def ipq_updates(self, task: str) -> int:
+        from quant_noise_plugin.schedule import load_schedule
+
+        return load_schedule(self.schedule(task)).total_updates
+
+    def budget(self, task: str, mode: str) -> int:
+        """Training updates of a mode's own run (a finetuning run: the updates after its base)."""
+        preset_updates = getattr(self.preset, f"{task}_updates")
+        spec = modes_of(task)[mode].updates
+        if spec == "preset":
+            return preset_updates
+        if spec == "preset+ipq":
+            return preset_updates + self.ipq_updates(task)
+        return max(1, round(preset_updates * float(spec.rstrip("%")) / 100))
+
+    def total_budget(self, task: str, mode: str) -> int:
+        """Training updates the model has seen before compression (its base's included)."""
+        base = modes_of(task)[mode].base
+        return self.budget(task, mode) + (self.total_budget(task, base) if base else 0)
+
+    def mode_flags(self, task: str, mode: str) -> List[str]:
+        """The fairseq-train flags of a row, "{N%}" placeholders resolved against the preset's budget."""
+        updates = getattr(self.preset, f"{task}_updates")
+        return [re.sub(r"\{(\d+)%\}", lambda m: str(round(updates * int(m.group(1)) / 100)), f) for f in modes_of(task)[mode].flags]
+
+    def mode_identity(self, task: str, mode: str) -> list:
+        """What makes a row's model: its flags, budget and base (recursively); part of every cache key."""
+        spec = modes_of(task)[mode]
+        identity = [self.mode_flags(task, mode)]
+        if spec.base or spec.updates != "preset":
+            identity += [self.budget(task, mode), self.mode_identity(task, spec.base) if spec.base else None]
+        return identity
 
     def common(self, updates: int, save: Path) -> List:
         p = self.preset
@@ -126,24 +223,34 @@ class Runner:
 
     # -- training (cached: fairseq resumes from checkpoint_last.pt and stops at --max-update) --
 
-    def train(self, task: str, flags: List[str]) -> Path:
+    def train(self, task: str, mode: str) -> Path:
         p = self.preset
         lm = task == "lm"
         arch = p.lm_arch if lm else p.mt_arch
-        updates = p.lm_updates if lm else p.mt_updates
-        save = self.work / f"{task}-train-{key(arch, flags, updates, p.seed, p.max_tokens)}"
-        task_flags = (["--task", "language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy",
-                       "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))]
+        spec = modes_of(task)[mode]
+        updates = self.budget(task, mode)
+        flags = self.mode_flags(task, mode)
+        lr = 0.001 if lm else 0.0007
+        warmup = min(400, max(1, updates // 5))
+        finetune = []
+        if spec.base:
+            base = self.train(task, spec.base)
+            finetune = ["--finetune-from-model", base]
+            lr, warmup = lr * FINETUNE_LR_FACTOR, max(1, updates // 10)
+            save = self.work / f"{task}-finetune-{key(arch, flags, updates, p.seed, p.max_tokens, str(base.parent.name))}"
+        else:
+            save = self.work / f"{task}-train-{key(arch, flags, updates, p.seed, p.max_tokens)}"
+        task_flags = (["--task", "language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy"]
                       if lm else
-                      ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-                       "--lr", "0.0007", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(400, max(1, updates // 5))])
-        run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, *arch, *flags, *self.common(updates, save)], "train.log")
+                      ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"])
+        task_flags += ["--lr", lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup]
+        run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, *arch, *flags, *finetune, *self.common(updates, save)], "train.log")
         return save / "checkpoint_last.pt"
 
-    def ipq(self, task: str, dense: Path) -> Path:
+    def ipq(self, task: str, dense: Path, column: str) -> Path:
         p = self.preset
         lm = task == "lm"
-        schedule = self.schedule(task)
+        schedule = self.schedule(task, column)
         from quant_noise_plugin.schedule import load_schedule
 
         updates = load_schedule(schedule).total_updates
@@ -157,14 +264,17 @@ class Runner:
         return save / "checkpoint_last.pt"
 
     def compressed(self, task: str, mode: str, column: str) -> Path:
-        dense = self.train(task, mode_flags(task, mode))
-        base = {"fp32": dense, "int8": dense, "int4": dense}.get(column) or self.ipq(task, dense)
+        dense = self.train(task, mode)
+        method, bits = split_column(column)
+        if method in ("fp32", "int8", "int4"):
+            base, bits = dense, {"int8": 8, "int4": 4}.get(method)
+        else:
+            base = self.ipq(task, dense, method)
         out = base.parent.parent / f"{base.parent.name}-{column.replace('+', '_')}.pt"  # an iPQ file is named by its run
         if not out.exists():
             if column == "fp32":  # dense, inference-only fp32 (what stock fairseq loads)
                 sh(["quant-noise", "unpack", base, out])
             else:
-                bits = {"int8": 8, "int4": 4, "ipq+int8": 8}.get(column)
                 sh(["quant-noise", "pack", base, out, *(["--scalar-bits", bits] if bits else [])])
         return out
 
@@ -173,81 +283,158 @@ class Runner:
     def cell(self, task: str, mode: str, column: str, compute: bool = True) -> Optional[dict]:
         """The cell's cached result, else (when ``compute``) train/compress/evaluate what it needs."""
         p = self.preset
-        parts = [asdict(p), mode_flags(task, mode)]
-        if column.startswith("ipq"):  # an edited or overridden schedule is another cell
-            parts.append(hashlib.sha256(self.schedule(task).read_bytes()).hexdigest())
+        parts = [asdict(p), self.mode_identity(task, mode)]
+        method, _ = split_column(column)
+        if method in SCHEDULE_COLUMNS:  # an edited or overridden schedule is another cell
+            parts.append(hashlib.sha256(self.schedule(task, method).read_bytes()).hexdigest())
         cache = self.work / "cells" / f"{task}-{mode}-{column}-{key(*parts)}.json"
         if cache.exists():
-            print(f"[cached] {task} {mode} {column}")
+            print(f"[cached] {task} {mode} {column} seed {p.seed}")
             return json.loads(cache.read_text())
         if not compute:
-            print(f"[missing] {task} {mode} {column}")
+            print(f"[missing] {task} {mode} {column} seed {p.seed}")
             return None
         path = self.compressed(task, mode, column)
-        result = {"task": task, "mode": mode, "column": column, "bytes": path.stat().st_size, "checkpoint": str(path.relative_to(self.work)),
+        result = {"task": task, "mode": mode, "column": column, "seed": p.seed, "bytes": path.stat().st_size,
+                  "checkpoint": str(path.relative_to(self.work)), "train_updates": self.total_budget(task, mode),
                   "device": self.device_name(), "command": self.command}
-        if task == "lm":
-            out = sh(["fairseq-eval-lm", self.data / "lm/bin", "--user-dir", PLUGIN, "--path", path, "--gen-subset", "test", *device_flags(),
-                      "--tokens-per-sample", p.tokens_per_sample, "--max-tokens", 4096, "--context-window", p.tokens_per_sample // 2])
-            result["ppl"] = float(out.rsplit("Perplexity:", 1)[1].split()[0])
-        else:
-            result["bleu"] = self.bleu(path)
+        if method in SCHEDULE_COLUMNS:
+            result["ipq_updates"] = self.ipq_updates(task) if method == "ipq" else _schedule_updates(self.schedule(task, method))
+        for subset, name in (("test", "ppl"), ("valid", "valid_ppl")) if task == "lm" else (("test", "bleu"), ("valid", "valid_bleu")):
+            result[name] = self.eval_lm(path, subset) if task == "lm" else self.bleu(path, subset)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(result))
         return result
 
-    def bleu(self, path: Path) -> float:
+    def eval_lm(self, path: Path, subset: str) -> float:
+        p = self.preset
+        out = sh(["fairseq-eval-lm", self.data / "lm/bin", "--user-dir", PLUGIN, "--path", path, "--gen-subset", subset, *device_flags(),
+                  "--tokens-per-sample", p.tokens_per_sample, "--max-tokens", 4096, "--context-window", p.tokens_per_sample // 2])
+        return float(out.rsplit("Perplexity:", 1)[1].split()[0])
+
+    def bleu(self, path: Path, subset: str) -> float:
         import sacrebleu
 
         mt = self.data / "mt"
-        out = sh(["fairseq-generate", mt / "bin", "--user-dir", PLUGIN, "--path", path, "--gen-subset", "test", *device_flags(),
+        out = sh(["fairseq-generate", mt / "bin", "--user-dir", PLUGIN, "--path", path, "--gen-subset", subset, *device_flags(),
                   "--beam", 4, "--max-tokens", 4000, "--bpe", "sentencepiece", "--sentencepiece-model", mt / "spm.bpe.model"])
         hyps = {}
         for line in out.splitlines():
             if line.startswith("D-"):
                 idx, _, text = line[2:].split("\t", 2)
                 hyps[int(idx)] = text
-        refs = (mt / "raw" / "test.es").read_text(encoding="utf-8").splitlines()
+        refs = (mt / "raw" / f"{subset}.es").read_text(encoding="utf-8").splitlines()
         ordered = [hyps.get(i, "") for i in range(len(refs))]
         return sacrebleu.corpus_bleu(ordered, [refs]).score
 
 
-MT_MODES = {"none": [], "qn_pq_0.1": ["--quant-noise-pq", "0.1"]}
-MT_COLUMNS = ["fp32", "int8", "ipq"]
+def _schedule_updates(path: Path) -> int:
+    from quant_noise_plugin.schedule import load_schedule
+
+    return load_schedule(path).total_updates
 
 
-def mode_flags(task: str, mode: str) -> List[str]:
-    """The fairseq-train flags of a training mode (a row) of the LM or MT grid."""
-    return (LM_MODES if task == "lm" else MT_MODES)[mode]
+# -- rendering --------------------------------------------------------------------------------
 
 
-def render(results: List[dict], task: str, modes: List[str], columns: List[str], runner: Runner) -> str:
-    metric = "ppl" if task == "lm" else "bleu"
-    cells = {(r["mode"], r["column"]): r for r in results if r["task"] == task}
-    fp32 = {m: cells[(m, "fp32")]["bytes"] for m in modes if (m, "fp32") in cells}
+def metric_of(task: str, subset: str = "test") -> str:
+    return ("ppl" if task == "lm" else "bleu") if subset == "test" else ("valid_ppl" if task == "lm" else "valid_bleu")
+
+
+def seeds_text(values: List[float]) -> str:
+    """One seed: its value; several: their mean and each value."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ({' / '.join(f'{v:.2f}' for v in values)})"
+
+
+def group(results: List[dict], task: str) -> Dict[Tuple[str, str], List[dict]]:
+    """Cells of one task by (mode, column), seeds in increasing order."""
+    cells: Dict[Tuple[str, str], List[dict]] = {}
+    for r in sorted((r for r in results if r["task"] == task), key=lambda r: r.get("seed", 1)):
+        cells.setdefault((r["mode"], r["column"]), []).append(r)
+    return cells
+
+
+def render(results: List[dict], task: str, modes: List[str], columns: List[str], runner: Runner, seeds: List[int]) -> str:
+    metric = metric_of(task)
+    cells = group(results, task)
+    fp32 = {m: cells[(m, "fp32")][0]["bytes"] for m in modes if (m, "fp32") in cells}
     head = "| training \\ compression | " + " | ".join(columns) + " |"
     lines = [head, "|---|" + "---:|" * len(columns)]
     for m in modes:
         row = [f"| {m} |"]
         for c in columns:
-            r = cells.get((m, c))
-            if r is None:
+            rs = cells.get((m, c))
+            if not rs:
                 row.append(" – |")
                 continue
-            ratio = f", x{fp32[m] / r['bytes']:.0f}" if m in fp32 else ""
-            row.append(f" {r[metric]:.2f} ({r['bytes'] / 1e6:.2f} MB{ratio}) |")
+            ratio = f", x{fp32[m] / rs[0]['bytes']:.0f}" if m in fp32 else ""
+            row.append(f" {seeds_text([r[metric] for r in rs])} ({rs[0]['bytes'] / 1e6:.2f} MB{ratio}) |")
         lines.append("".join(row))
     p = runner.preset
-    legend = "\n".join(f"- `{m}`: {MODE_DOC.get(m, m)}: `{' '.join(mode_flags(task, m)) or '(no flags)'}`" for m in modes)
     title = "Perplexity on the KJV test split (lower is better)" if task == "lm" else "BLEU (sacrebleu, detokenized) on the KJV->RV1909 test split"
+    schedules = ", ".join(f"{c} = `{shown(runner.schedule(task, c))}`" for c in SCHEDULE_COLUMNS if any(split_column(x)[0] == c for x in columns))
     return (
-        f"# {title}\n\nEach cell: {metric} (size on disk of the compressed checkpoint, compression ratio vs the fp32 one). "
+        f"# {title}\n\nEach cell: {metric} (size on disk of the compressed checkpoint, compression ratio vs the fp32 one)"
+        f"{'; with several seeds, their mean (then each seed)' if len(seeds) > 1 else ''}. "
         f"Every number is a real `fairseq-eval-lm`/`fairseq-generate` run on that checkpoint.\n\n" + "\n".join(lines) +
-        f"\n\nTraining modes:\n{legend}\n\nColumns: fp32 = dense inference checkpoint (`quant-noise unpack`); int8/int4 = every "
-        f"Linear/Embedding weight as int codes with per-row scales, rest fp16 (`quant-noise pack --scalar-bits`); iPQ = "
-        f"`--task ipq_*` with `{shown(runner.schedule(task))}`, packed; iPQ+int8 = the same, centroids and remaining layers int8.\n\n"
+        f"\n\nTraining modes:\n{legend(runner, task, modes)}\n\nColumns: fp32 = dense inference checkpoint (`quant-noise unpack`); int8/int4 = every "
+        f"Linear/Embedding weight as int codes with per-row scales, rest fp16 (`quant-noise pack --scalar-bits`); iPQ columns = "
+        f"`--task ipq_*` with the schedule ({schedules}), packed; +int8 = the same, centroids and remaining layers int8.\n\n"
         f"Preset `{runner.args.preset}`: arch `{' '.join(getattr(p, task + '_arch'))}`, {getattr(p, task + '_updates')} training updates, "
-        f"--max-tokens {p.max_tokens}, seed {p.seed}.\n\nCells computed by:\n{provenance(cells.values())}\n\nCommand: `{runner.command}`\n"
+        f"--max-tokens {p.max_tokens}, seeds {', '.join(map(str, seeds))}.\n\nCells computed by:\n{provenance(c for rs in cells.values() for c in rs)}\n\n"
+        f"Command: `{runner.command}`\n"
+    )
+
+
+def legend(runner: Runner, task: str, modes: List[str]) -> str:
+    lines = []
+    for m in modes:
+        spec = modes_of(task)[m]
+        budget = f"{runner.total_budget(task, m)} training updates" + (f" ({spec.base} + {runner.budget(task, m)} finetuning)" if spec.base else "")
+        lines.append(f"- `{m}`: {spec.doc}: `{' '.join(runner.mode_flags(task, m)) or '(no flags)'}`; {budget}")
+    return "\n".join(lines)
+
+
+def render_ablation(results: List[dict], task: str, modes: List[str], columns: List[str], runner: Runner, seeds: List[int]) -> str:
+    """Every lever: valid (to choose) and test (to report) for each seed, and iPQ's cost against the dense control."""
+    cells = group(results, task)
+    better = "lower" if task == "lm" else "higher"
+    control = "none_long" if "none_long" in modes else None
+    out = []
+    for subset in ("valid", "test"):
+        metric = metric_of(task, subset)
+        head = "| mode | updates (train + iPQ) | " + " | ".join(columns) + (" | " + " | ".join(f"{c} vs dense control" for c in columns if c != "fp32") if control else "") + " |"
+        lines = [head, "|---|---:|" + "---:|" * (len(columns) + (len([c for c in columns if c != 'fp32']) if control else 0))]
+        ref = [r[metric] for r in cells.get((control, "fp32"), [])] if control else []
+        for m in modes:
+            row = [f"| {m} | {runner.total_budget(task, m)}{' + ' + str(runner.ipq_updates(task)) if any(split_column(c)[0] in SCHEDULE_COLUMNS for c in columns) else ''} |"]
+            for c in columns:
+                rs = cells.get((m, c))
+                row.append(f" {seeds_text([r[metric] for r in rs])} |" if rs else " – |")
+            if control:
+                for c in columns:
+                    if c == "fp32":
+                        continue
+                    rs = cells.get((m, c))
+                    if not rs or not ref:
+                        row.append(" – |")
+                        continue
+                    mean, base = statistics.mean(r[metric] for r in rs), statistics.mean(ref)
+                    row.append(f" {100 * (mean / base - 1):+.1f}% |" if task == "lm" else f" {mean - base:+.2f} |")
+            lines.append("".join(row))
+        out.append(f"### {'Valid' if subset == 'valid' else 'Test'} split ({metric}, {better} is better)\n\n" + "\n".join(lines))
+    p = runner.preset
+    return (
+        f"## {'Language model (KJV)' if task == 'lm' else 'Translation (KJV -> RV1909)'}, preset `{runner.args.preset}`, seeds {', '.join(map(str, seeds))}\n\n"
+        f"Each cell: the mean over seeds (then each seed). Choose on valid, report test. "
+        f"`vs dense control`: the mean against `{control}`'s fp32 model, trained without noise for as many updates as training + iPQ.\n\n"
+        + "\n\n".join(out) +
+        f"\n\nModes:\n{legend(runner, task, modes)}\n\nColumns: fp32 = the dense model; "
+        + ", ".join(f"{c} = `{shown(runner.schedule(task, c))}`" for c in SCHEDULE_COLUMNS if c in columns) +
+        f" (packed, bytes on disk as in the main tables).\n\nArch `{' '.join(getattr(p, task + '_arch'))}`, --max-tokens {p.max_tokens}.\n\n"
+        f"Cells computed by:\n{provenance(c for rs in cells.values() for c in rs)}\n\nCommand: `{runner.command}`\n"
     )
 
 
@@ -273,9 +460,10 @@ def plot(results: List[dict], out: Path) -> None:
     tasks = [t for t in ("lm", "mt") if any(r["task"] == t for r in results)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        metric = "ppl" if task == "lm" else "bleu"
-        for mode in sorted({r["mode"] for r in results if r["task"] == task}):
-            pts = sorted((r["bytes"] / 1e6, r[metric]) for r in results if r["task"] == task and r["mode"] == mode)
+        metric = metric_of(task)
+        cells = group(results, task)
+        for mode in sorted({m for m, _ in cells}):
+            pts = sorted((rs[0]["bytes"] / 1e6, statistics.mean(r[metric] for r in rs)) for (m, _), rs in cells.items() if m == mode)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: they overlap otherwise
@@ -295,16 +483,29 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=str(REPO / "data"))
     parser.add_argument("--work", default=str(REPO / "work_dirs" / "reproduce"))
     parser.add_argument("--results", default=str(REPO / "results"))
-    parser.add_argument("--lm-modes", nargs="*", default=list(LM_MODES))
-    parser.add_argument("--lm-columns", nargs="*", default=COLUMNS)
-    parser.add_argument("--mt-modes", nargs="*", default=list(MT_MODES))
-    parser.add_argument("--mt-columns", nargs="*", default=MT_COLUMNS)
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: the preset's, 1); tables show each and their mean")
+    parser.add_argument("--table", choices=("grid", "ablation"), default="grid",
+                        help="grid: lm_kjv.md / mt_en_es.md; ablation: ablation_noise.md (valid and test, vs the dense control)")
+    parser.add_argument("--lm-modes", nargs="*")
+    parser.add_argument("--lm-columns", nargs="*")
+    parser.add_argument("--mt-modes", nargs="*")
+    parser.add_argument("--mt-columns", nargs="*")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=os.environ.get("QN_DEVICE", "cpu"), help="where fairseq runs")
-    parser.add_argument("--lm-schedule", help="iPQ schedule YAML for the LM grid (default: the preset's)")
-    parser.add_argument("--mt-schedule", help="iPQ schedule YAML for the MT grid (default: the preset's)")
+    parser.add_argument("--lm-schedule", help="iPQ schedule YAML of the LM's ipq column (default: the preset's)")
+    parser.add_argument("--mt-schedule", help="iPQ schedule YAML of the MT's ipq column (default: the preset's)")
     parser.add_argument("--render-only", action="store_true",
                         help="compute nothing: tables and plot from the cells cached under --work (e.g. cells copied from another machine)")
     args = parser.parse_args(argv)
+    ablation = args.table == "ablation"
+    defaults = {  # what each table shows unless told otherwise
+        "lm_modes": ["none", "qat_int4", "qn_pq_0.05", "qn_pq_0.1", "qn_pq_0.2", "qn_scalar_0.5_int4"] if not ablation else list(LM_MODES),
+        "lm_columns": COLUMNS if not ablation else ["fp32", *SCHEDULE_COLUMNS],
+        "mt_modes": ["none", "qn_pq_0.1"] if not ablation else list(MT_MODES),
+        "mt_columns": MT_COLUMNS if not ablation else ["fp32", "ipq"],
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     os.environ["QN_DEVICE"] = args.device
     from quant_noise_plugin.schedule import ScheduleError, load_schedule
 
@@ -317,36 +518,48 @@ def main(argv=None) -> None:
                 load_schedule(path)  # a bad schedule fails here, in one line, not hours into the grid
         except ScheduleError as error:
             parser.error(f"--{flag.replace('_', '-')}: {error}")
-    for m in args.lm_modes:
-        if m not in LM_MODES:
-            parser.error(f"--lm-modes: unknown mode {m!r} (known: {', '.join(LM_MODES)})")
-    for m in args.mt_modes:
-        if m not in MT_MODES:
-            parser.error(f"--mt-modes: unknown mode {m!r} (known: {', '.join(MT_MODES)})")
+    for task in ("lm", "mt"):
+        for m in getattr(args, f"{task}_modes"):
+            if m not in modes_of(task):
+                parser.error(f"--{task}-modes: unknown mode {m!r} (known: {', '.join(modes_of(task))})")
+        for c in getattr(args, f"{task}_columns"):
+            method, bits = split_column(c)
+            if method not in ("fp32", "int8", "int4", *SCHEDULE_COLUMNS) or bits not in (None, 8, 4) or (method == "ipq_k1024" and task == "mt"):
+                parser.error(f"--{task}-columns: unknown column {c!r}")
     if not args.render_only and not (Path(args.data) / ".complete.json").exists():
         sh(["quant-noise", "data", "--output", args.data])
-    runner = Runner(args)
+    seeds = args.seeds or [PRESETS[args.preset].seed]
+    runners = {seed: Runner(args, seed) for seed in seeds}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     grid = [("lm", m, c) for m in args.lm_modes for c in args.lm_columns] + [("mt", m, c) for m in args.mt_modes for c in args.mt_columns]
     results = []
-    for task, mode, column in grid:
-        result = runner.cell(task, mode, column, compute=not args.render_only)
-        if result is not None:
-            results.append(result)
-            write_outputs(results, args, runner, out)  # partial tables as the grid fills
-    for name in ("lm_kjv.md", "mt_en_es.md"):
+    for seed in seeds:  # every cell of the first seed, then of the next: partial tables are complete rows early
+        for task, mode, column in grid:
+            result = runners[seed].cell(task, mode, column, compute=not args.render_only)
+            if result is not None:
+                results.append(result)
+                write_outputs(results, args, runners[seeds[0]], out, seeds)
+    names = ("ablation_noise.md",) if ablation else ("lm_kjv.md", "mt_en_es.md")
+    for name in names:
         if (out / name).exists():
             print((out / name).read_text())
 
 
-def write_outputs(results: List[dict], args, runner: Runner, out: Path) -> None:
+def write_outputs(results: List[dict], args, runner: Runner, out: Path, seeds: List[int]) -> None:
+    if args.table == "ablation":
+        parts = [render_ablation(results, task, getattr(args, f"{task}_modes"), getattr(args, f"{task}_columns"), runner, seeds)
+                 for task in ("lm", "mt") if any(r["task"] == task for r in results)]
+        (out / "ablation_noise.md").write_text("# Where and when to put Quant-Noise: the ablation\n\n" + "\n\n".join(parts))
+        (out / "ablation_noise.json").write_text(json.dumps(results, indent=1))
+        return
     if any(r["task"] == "lm" for r in results):
-        (out / "lm_kjv.md").write_text(render(results, "lm", args.lm_modes, args.lm_columns, runner))
+        (out / "lm_kjv.md").write_text(render(results, "lm", args.lm_modes, args.lm_columns, runner, seeds))
     if any(r["task"] == "mt" for r in results):
-        (out / "mt_en_es.md").write_text(render(results, "mt", args.mt_modes, args.mt_columns, runner))
+        (out / "mt_en_es.md").write_text(render(results, "mt", args.mt_modes, args.mt_columns, runner, seeds))
     (out / "reproduce.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "size_vs_quality.png")
+
 
 if __name__ == "__main__":
     main()

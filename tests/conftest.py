@@ -68,3 +68,38 @@ def dense_lm(lm_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("dense_lm")
     train_lm(lm_data, save, "--arch", "qn_transformer_lm", *TINY_LM, max_update=30)
     return save / "checkpoint_last.pt"
+
+
+# iPQ on the tiny LM: two stages, 16 centroids of 4 weights
+SCHEDULE = """
+defaults:
+  Linear: {block_size: 4, n_centroids: 16}
+  Embedding: {block_size: 4, n_centroids: 16}
+kmeans_iterations: 10
+stages:
+  - name: ffn
+    layers: 'decoder\\.layers\\.\\d+\\.fc[12]'
+    updates: 3
+  - name: attention_and_embeddings
+    layers: 'decoder\\.(layers\\.\\d+\\.self_attn\\.(q|k|v|out)_proj|embed_tokens)'
+    updates: 3
+"""
+
+
+def ipq_train(data, save, dense, schedule_path, *extra, max_update=6, check=True):
+    return train_lm(data, save, "--task", "ipq_language_modeling", "--ipq-config", schedule_path, "--finetune-from-model", dense,
+                    "--arch", "qn_transformer_lm", *TINY_LM, "--lr", "0.0005", *extra, max_update=max_update, check=check)
+
+
+@pytest.fixture(scope="session")
+def schedule_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("schedule") / "two_stages.yaml"
+    path.write_text(SCHEDULE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ipq(lm_data, dense_lm, schedule_file, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ipq")
+    result = ipq_train(lm_data, save, dense_lm, schedule_file)
+    return save, result.output

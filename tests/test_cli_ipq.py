@@ -5,41 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PLUGIN, TINY_LM, eval_lm_ppl, last_valid_ppl, run, train_lm
-
-SCHEDULE = """
-defaults:
-  Linear: {block_size: 4, n_centroids: 16}
-  Embedding: {block_size: 4, n_centroids: 16}
-kmeans_iterations: 10
-stages:
-  - name: ffn
-    layers: 'decoder\\.layers\\.\\d+\\.fc[12]'
-    updates: 3
-  - name: attention_and_embeddings
-    layers: 'decoder\\.(layers\\.\\d+\\.self_attn\\.(q|k|v|out)_proj|embed_tokens)'
-    updates: 3
-"""
-
-
-def ipq_train(data, save, dense, schedule_path, *extra, max_update=6, check=True):
-    return train_lm(data, save, "--task", "ipq_language_modeling", "--ipq-config", schedule_path, "--finetune-from-model", dense,
-                    "--arch", "qn_transformer_lm", *TINY_LM, "--lr", "0.0005", *extra, max_update=max_update, check=check)
-
-
-@pytest.fixture(scope="module")
-def schedule_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("schedule") / "two_stages.yaml"
-    path.write_text(SCHEDULE)
-    return path
-
-
-@pytest.fixture(scope="module")
-def ipq(lm_data, dense_lm, schedule_file, tmp_path_factory):
-    save = tmp_path_factory.mktemp("ipq")
-    result = ipq_train(lm_data, save, dense_lm, schedule_file)
-    return save, result.output
-
+from conftest import PLUGIN, SCHEDULE, eval_lm_ppl, ipq_train, last_valid_ppl, run
 
 def test_schedule_runs_stage_by_stage_and_eval_lm_matches_training(ipq, lm_data):
     save, output = ipq

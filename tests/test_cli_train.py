@@ -49,3 +49,15 @@ def test_hydra_entry_point_with_shipped_config(lm_data, tmp_path):
     ])
     assert "quant-noise: pq=0.1 (block 8)" in result.output
     assert (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_quant_noise_finetuning_of_a_trained_checkpoint(lm_data, dense_lm, tmp_path):
+    """The paper's post-processing use: an existing dense checkpoint, then a few updates with Quant-Noise."""
+    result = train_lm(lm_data, tmp_path, "--arch", "qn_transformer_lm", *TINY_LM, "--finetune-from-model", dense_lm,
+                      "--quant-noise-pq", "0.1", "--quant-noise-pq-embeddings", "0.05", max_update=4)
+    assert f"Loaded checkpoint {dense_lm} (epoch" in result.output
+    assert "quant-noise: pq=0.1 (block 8), scalar=0.0 (int8) on 14 layers; embeddings pq=0.05" in result.output
+    first_loss = float(result.output.split("train_inner")[1].split("loss=")[1].split(",")[0])
+    assert first_loss < 10.5  # from the dense model's weights (a fresh model starts at ~11.6 bits on 3,112 types)
+    ppl = eval_lm_ppl(lm_data, tmp_path / "checkpoint_last.pt", "--user-dir", PLUGIN)
+    assert ppl == pytest.approx(last_valid_ppl(result.output), rel=5e-3)

@@ -116,3 +116,23 @@ def test_bad_flags_fail_before_training(lm_data):
         build(lm_data, "--arch", "qn_transformer_lm", *TINY_LM, "--quant-noise-pq", "0.1", "--quant-noise-pq-block-size", "5")
     with pytest.raises(ValueError, match="--quant-noise-scalar-bits=3"):
         build(lm_data, "--arch", "qn_transformer_lm", *TINY_LM, "--quant-noise-scalar", "0.1", "--quant-noise-scalar-bits", "3")
+
+
+@pytest.mark.parametrize("via", ["arch", "criterion"])
+def test_fairseq_update_count_drives_the_noise_schedule(lm_data, via):
+    """fairseq calls model.set_num_updates(n) before each training forward; the noise starts at its update."""
+    torch.manual_seed(0)
+    flags = ["--quant-noise-pq", "0.3", "--quant-noise-start-update", "5"]
+    if via == "arch":
+        model = build(lm_data, "--arch", "qn_transformer_lm", *TINY_LM, *flags)
+        forward = lambda: model(batch()["net_input"]["src_tokens"])  # noqa: E731
+    else:
+        model, criterion, _ = build(lm_data, "--arch", "transformer_lm", *TINY_LM, "--decoder-input-dim", "64", "--decoder-output-dim", "64",
+                                    "--criterion", "qn_cross_entropy", *flags, criterion=True)
+        forward = lambda: criterion(model, batch())  # noqa: E731
+    model.train()
+    model.set_num_updates(4)
+    assert not any(noised_modules(model, forward).values())
+    model.set_num_updates(5)
+    seen = noised_modules(model, forward)
+    assert seen["decoder.layers.0.fc1"] and seen["decoder.layers.1.self_attn.k_proj"] and seen["decoder.embed_tokens"]

@@ -118,3 +118,94 @@ def test_bad_noise_settings_are_one_line_errors_naming_the_culprit(cfg, message)
     with pytest.raises(ValueError) as err:
         apply_quant_noise_(_model(), cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _tied_model():
+    emb = nn.Embedding(64, 16)
+    out = nn.Linear(16, 64, bias=False)
+    out.weight = emb.weight  # the tied output softmax
+    return nn.ModuleDict({"emb": emb, "fc": nn.Linear(16, 16), "out": out})
+
+
+def _dropped_fraction(module, x, block_size=4):
+    """Fraction of weight blocks the module computed with as zero (what PQ noise drops)."""
+    seen = {}
+
+    def record(m, args):
+        seen["w"] = m.weight.detach().clone()
+
+    handle = module.register_forward_pre_hook(record)
+    module(x)
+    handle.remove()
+    return (seen["w"].reshape(-1, block_size) == 0).all(dim=1).float().mean().item()
+
+
+def test_embedding_rate_applies_to_embedding_tables_and_the_softmax_tied_to_them():
+    torch.manual_seed(0)
+    model = _tied_model()
+    nn.init.uniform_(model["emb"].weight, 0.5, 1.0)  # no zero weights: zeros mean dropped
+    nn.init.uniform_(model["fc"].weight, 0.5, 1.0)
+    names = apply_quant_noise_(model, QuantNoiseConfig(pq=0.5, pq_block_size=4, pq_embeddings=0.1))
+    assert names == ["emb", "fc", "out"]
+    ids, features = torch.arange(64), torch.randn(8, 16)
+    assert abs(_dropped_fraction(model["emb"], ids) - 0.1) < 0.05
+    assert abs(_dropped_fraction(model["out"], features) - 0.1) < 0.05  # same weight, same rate
+    assert abs(_dropped_fraction(model["fc"], features) - 0.5) < 0.15
+
+    only_linear = _tied_model()
+    assert apply_quant_noise_(only_linear, QuantNoiseConfig(pq=0.5, pq_block_size=4, pq_embeddings=0.0)) == ["fc"]
+    only_embeddings = _tied_model()
+    assert apply_quant_noise_(only_embeddings, QuantNoiseConfig(pq=0.0, pq_block_size=4, pq_embeddings=0.3)) == ["emb", "out"]
+
+
+def test_noise_starts_at_its_update_and_ramps_up_linearly():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 256)
+    nn.init.uniform_(layer.weight, 0.5, 1.0)
+    apply_quant_noise_(layer, QuantNoiseConfig(pq=0.4, pq_block_size=4, start_update=100, ramp_updates=4))
+    x = torch.randn(2, 64)
+    expected = {0: 0.0, 99: 0.0, 100: 0.1, 101: 0.2, 103: 0.4, 500: 0.4}
+    for update, rate in expected.items():
+        layer.set_num_updates(update)  # what fairseq's model.set_num_updates calls on every submodule
+        assert abs(_dropped_fraction(layer, x) - rate) < 0.03, (update, rate)
+    assert QuantNoiseConfig(pq=0.1, start_update=5).rate_scale(4) == 0 and QuantNoiseConfig(pq=0.1, start_update=5).rate_scale(5) == 1
+
+
+def test_centroid_noise_replaces_a_fraction_p_of_blocks_by_their_nearest_centroid_straight_through():
+    from quant_noise_plugin.kmeans import assign
+    from quant_noise_plugin.noise import centroid_noise
+
+    torch.manual_seed(0)
+    w = torch.randn(128, 32, requires_grad=True)
+    centroids = torch.randn(16, 4)
+    out = centroid_noise(w, 0.3, centroids)
+    blocks, noised = w.detach().reshape(-1, 4), out.detach().reshape(-1, 4)
+    changed = (blocks != noised).any(dim=1)
+    assert abs(changed.float().mean().item() - 0.3) < 0.05
+    nearest, _ = assign(blocks[changed], centroids)
+    assert torch.allclose(noised[changed], centroids[nearest], atol=1e-6)  # the real PQ value of each replaced block
+    assert torch.equal(noised[~changed], blocks[~changed])  # the rest untouched, no rescaling
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_centroid_noise_refits_its_codebook_every_interval_and_shares_it_between_tied_layers():
+    torch.manual_seed(0)
+    model = _tied_model()
+    apply_quant_noise_(model, QuantNoiseConfig(pq=0.5, pq_block_size=4, pq_centroids=8, pq_refit_updates=10))
+    fits = []
+    import quant_noise_plugin.quant_noise as qn
+
+    real = qn.kmeans
+    qn.kmeans = lambda points, k, **kw: fits.append(points.shape) or real(points, k, **kw)
+    try:
+        for update in (0, 5, 9, 10, 25):
+            model["emb"].set_num_updates(update)
+            model["emb"](torch.arange(8))
+            model["out"](torch.randn(2, 16))
+    finally:
+        qn.kmeans = real
+    # the tied weight: fitted at 0, 10 and 25 (not again for the second, tied layer); fc never ran
+    assert fits == [(64 * 16 // 4, 4)] * 3
+    with pytest.raises(ValueError, match="--quant-noise-pq-centroids=512: layer emb .* has only 256 blocks"):
+        apply_quant_noise_(_tied_model(), QuantNoiseConfig(pq=0.1, pq_block_size=4, pq_centroids=512))
