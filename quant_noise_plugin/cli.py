@@ -45,7 +45,8 @@ def _load_model(state, path: str, data: Optional[str]):
 
 def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optional[int] = None) -> dict:
     """Per-layer rows and totals; the packed file is predicted as paper bytes + container overhead."""
-    from .compressed import container_overhead_bytes, dense_fp32_bytes, pack_state_dict, size_rows
+    from .packing import pack_state_dict
+    from .sizes import container_overhead_bytes, dense_fp32_bytes, size_rows
 
     rows = size_rows(model, centroid_bits=centroid_bits)
     paper = sum(r.bytes for r in rows)
@@ -112,7 +113,7 @@ def cmd_size(args) -> int:
 def cmd_schedule(args) -> int:
     from .bitpack import bits_for
     from .checkpoints import read_checkpoint
-    from .compressed import dense_fp32_bytes, size_rows
+    from .sizes import dense_fp32_bytes, size_rows
     from .schedule import load_schedule, plan_schedule
 
     schedule = load_schedule(args.schedule)
@@ -139,7 +140,8 @@ def cmd_pack(args) -> int:
     from .checkpoints import (
         PACKED_MARKER, CheckpointError, is_packed, read_checkpoint, use_plugin_names, without_namespaces, write_checkpoint_atomically,
     )
-    from .compressed import pack_state_dict, scalar_quantize_remaining_
+    from .compressed import scalar_quantize_remaining_
+    from .packing import pack_state_dict
 
     state = read_checkpoint(args.checkpoint)
     if is_packed(state):
@@ -172,7 +174,8 @@ def cmd_unpack(args) -> int:
     import torch
 
     from .checkpoints import PACKED_MARKER, read_checkpoint, use_stock_names, write_checkpoint_atomically
-    from .compressed import PROVIDER_CHILDREN, provider_of, storage_key
+    from .compressed import PROVIDER_CHILDREN, provider_of
+    from .sizes import storage_key
 
     state = read_checkpoint(args.checkpoint)
     model, _ = _load_model(state, args.checkpoint, args.data)

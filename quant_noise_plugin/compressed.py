@@ -6,24 +6,18 @@ weight_swap. Tied weights share one provider. The state dict names the providers
 (``<layer>.weight_pq.*``, ``<layer>.weight_int.*``) and their shapes give their sizes, so a
 loader rebuilds the same modules from the checkpoint alone (``attach_from_state_dict``).
 
-Two on-disk forms, both loaded by the same hooks:
-- training form (the iPQ task's checkpoints): codes in the smallest integer type, fp32 centroids;
-- packed form (``pack_state_dict``): codes bit-packed, centroids fp16 or int8/int4, int4 weights
-  two to a byte, every other float tensor fp16.
+Two on-disk forms, both read by the providers' own loading: the training form (the iPQ task's
+checkpoints: codes in the smallest integer type, fp32 centroids) and the packed form (packing.py).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from itertools import chain
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .bitpack import bits_for, pack_bits, unpack_bits
 from .pq import PQCodebook
-from .scalar import ScalarCodes, dequantize, quantize
+from .scalar import ScalarCodes
 from .schedule import LayerPlan, quantizable_weights
 from .weight_swap import add_weight_fn, materialize_attention_weights
 
@@ -79,24 +73,6 @@ def _sync_dense_weight(module: nn.Module, incompatible_keys) -> None:
         weight.copy_(provider().to(weight.dtype))
 
 
-def _unpack_provider_state(provider: nn.Module, state_dict, prefix, *args) -> None:
-    """Turn the packed on-disk form back into the provider's buffers (see pack_state_dict)."""
-    if prefix + "codes_packed" in state_dict:
-        packed = state_dict.pop(prefix + "codes_packed")
-        bits = bits_for(provider.n_centroids) if isinstance(provider, PQCodebook) else provider.bits
-        codes = unpack_bits(packed, bits, provider.codes.numel())
-        state_dict[prefix + "codes"] = codes.to(provider.codes.dtype).reshape(provider.codes.shape)
-    if prefix + "centroids_codes" in state_dict:
-        codes = state_dict.pop(prefix + "centroids_codes")
-        scale = state_dict.pop(prefix + "centroids_scale")
-        zero_point = state_dict.pop(prefix + "centroids_zero_point")
-        state_dict[prefix + "centroids"] = dequantize(codes, scale, zero_point)
-    if isinstance(provider, PQCodebook) and prefix + "fitted" not in state_dict:
-        # A dense checkpoint (e.g. --restore-file of a trained model): the codebook is not fitted yet.
-        for name, tensor in list(provider.named_parameters(recurse=False)) + list(provider.named_buffers(recurse=False)):
-            state_dict[prefix + name] = tensor.detach()
-
-
 def attach_provider(module: nn.Module, child: str, provider: nn.Module) -> None:
     module.add_module(child, provider)
     add_weight_fn(module, _provider_weight_fn(provider))
@@ -105,7 +81,6 @@ def attach_provider(module: nn.Module, child: str, provider: nn.Module) -> None:
     module.register_load_state_dict_post_hook(_sync_dense_weight)
     if not getattr(provider, "_qn_hooked", False):
         provider._qn_hooked = True
-        provider.register_load_state_dict_pre_hook(_unpack_provider_state)
         provider.register_load_state_dict_post_hook(_refresh_fitted_flag)
         _refresh_fitted_flag(provider)
 
@@ -224,151 +199,3 @@ def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = T
         done.append(names[0])
     materialize_attention_weights(model)
     return done
-
-
-# --- packed form and sizes -------------------------------------------------------------------
-
-@dataclass
-class SizeRow:
-    name: str
-    shape: tuple
-    method: str  # pq / int8 / int4 / fp16 / fp32
-    block_size: Optional[int]
-    n_centroids: Optional[int]
-    bits_per_weight: float
-    bytes: float
-
-
-def _provider_rows(name: str, provider: nn.Module, centroid_bits: Optional[int]) -> SizeRow:
-    n = math.prod(provider.shape)
-    if isinstance(provider, PQCodebook):
-        code_bytes = math.ceil(provider.n_blocks * bits_for(provider.n_centroids) / 8)
-        k, d = provider.centroids.shape
-        centroid_bytes = math.ceil(k * d * centroid_bits / 8) + 8 if centroid_bits else k * d * 2
-        total = code_bytes + centroid_bytes + 1  # + the fitted flag
-        method = "pq" + (f"+int{centroid_bits}" if centroid_bits else "")
-        return SizeRow(name, provider.shape, method, provider.block_size, provider.n_centroids, 8 * total / n, total)
-    rows = provider.scale.numel()
-    total = math.ceil(n * provider.bits / 8) + rows * 2 * 4 + 1  # codes, scale and zero point, n_bits
-    return SizeRow(name, provider.shape, f"int{provider.bits}", None, None, 8 * total / n, total)
-
-
-def _stored_parts(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, Tensor]]]:
-    """What a compressed model stores, each once: (name, fitted provider) and (name, other tensor).
-
-    Tied weights share one provider; a training model's stale dense copy of a quantized weight and
-    unfitted codebooks (layers of later iPQ stages) are not part of the model.
-    """
-    providers, seen = [], set()
-    for name, module in model.named_modules():
-        provider = provider_of(module)
-        if provider is None or not is_fitted(provider):
-            continue
-        if module._parameters.get("weight") is not None:
-            seen.add(id(module._parameters["weight"]))
-        if id(provider) not in seen:
-            seen.add(id(provider))
-            seen.update(id(t) for t in chain(provider.parameters(), provider.buffers()))
-            providers.append((name, provider))
-    tensors = []
-    for name, tensor in chain(model.named_parameters(), model.named_buffers()):
-        if id(tensor) in seen or not _is_persistent(model, name) or any(f".{c}." in f".{name}" for c in PROVIDER_CHILDREN):
-            continue
-        seen.add(id(tensor))
-        tensors.append((name, tensor))
-    return providers, tensors
-
-
-def size_rows(model: nn.Module, float_bytes: int = 2, centroid_bits: Optional[int] = None) -> List[SizeRow]:
-    """Every stored tensor of the model, grouped by layer, counted once even when tied."""
-    providers, tensors = _stored_parts(model)
-    rows = [_provider_rows(name, provider, centroid_bits) for name, provider in providers]
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
-        label = f"fp{8 * float_bytes}" if tensor.is_floating_point() else str(tensor.dtype).replace("torch.", "")
-        rows.append(SizeRow(name, tuple(tensor.shape), label, None, None, 8 * nbytes / max(1, tensor.numel()), nbytes))
-    return rows
-
-
-def dense_fp32_bytes(model: nn.Module) -> int:
-    """The uncompressed model at 4 bytes a weight (tied weights once, compressed layers at full size)."""
-    providers, tensors = _stored_parts(model)
-    return 4 * (sum(math.prod(p.shape) for _, p in providers) + sum(t.numel() for _, t in tensors if t.is_floating_point()))
-
-
-def _is_persistent(model: nn.Module, name: str) -> bool:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    return leaf not in owner._non_persistent_buffers_set
-
-
-def storage_key(tensor: Tensor):
-    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-
-
-@torch.no_grad()
-def pack_state_dict(model: nn.Module, float_dtype: torch.dtype = torch.float16, centroid_bits: Optional[int] = None) -> Dict[str, Tensor]:
-    """The model's state in the packed form; tensors shared by several keys (tied) stay shared."""
-    providers = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        provider = provider_of(module)
-        if provider is not None and is_fitted(provider):
-            for child in PROVIDER_CHILDREN:
-                if child in module._modules:
-                    providers[f"{name}.{child}" if name else child] = provider
-    memo: Dict[tuple, Dict[str, Tensor]] = {}
-    packed: Dict[str, Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        prefix, _, leaf = key.rpartition(".")
-        provider = providers.get(prefix)
-        if provider is not None:
-            memo_key = (id(provider), leaf)
-            if memo_key not in memo:
-                memo[memo_key] = _pack_provider_tensor(provider, leaf, tensor, float_dtype, centroid_bits)
-            for suffix, value in memo[memo_key].items():
-                packed[f"{prefix}.{suffix}"] = value
-            continue
-        memo_key = storage_key(tensor)
-        if memo_key not in memo:
-            memo[memo_key] = {"": tensor.to(float_dtype) if tensor.is_floating_point() else tensor}
-        packed[key] = memo[memo_key][""]
-    return packed
-
-
-def container_overhead_bytes(state: Dict) -> int:
-    """Bytes torch.save spends beside tensor data: the pickle (keys, cfg) and one zip entry per tensor.
-
-    Measured exactly by saving a skeleton of ``state`` whose tensors are empty (shared ones stay
-    shared), plus the worst-case 64-byte alignment padding of each non-empty tensor.
-    """
-    import io
-
-    memo: Dict[tuple, Tensor] = {}
-
-    def skeleton(value):
-        if isinstance(value, Tensor):
-            key = storage_key(value)
-            if key not in memo:
-                memo[key] = torch.empty(0, dtype=value.dtype)
-            return memo[key]
-        if isinstance(value, dict):
-            return {k: skeleton(v) for k, v in value.items()}
-        return value
-
-    buffer = io.BytesIO()
-    torch.save(skeleton(state), buffer)
-    return buffer.getbuffer().nbytes + 32 * len(memo)  # on average half the 64-byte alignment
-
-
-def _pack_provider_tensor(provider, leaf: str, tensor: Tensor, float_dtype, centroid_bits) -> Dict[str, Tensor]:
-    if leaf == "codes":
-        bits = bits_for(provider.n_centroids) if isinstance(provider, PQCodebook) else provider.bits
-        if bits != 8:  # 8-bit codes are exactly a uint8 tensor; any other width is bit-packed
-            return {"codes_packed": pack_bits(tensor, bits)}
-        return {"codes": tensor}
-    if leaf == "centroids" and centroid_bits:
-        codes, scale, zero_point = quantize(tensor, centroid_bits, per_channel=False)
-        return {"centroids_codes": codes, "centroids_scale": scale, "centroids_zero_point": zero_point}
-    if leaf == "centroids":
-        return {"centroids": tensor.to(float_dtype)}
-    return {leaf: tensor}  # scale / zero_point / fitted stay as they are

@@ -8,13 +8,14 @@ smallest integer type).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .bitpack import smallest_int_dtype
+from .bitpack import bits_for, pack_bits, smallest_int_dtype, unpack_bits
 from .kmeans import kmeans
+from .scalar import dequantize, quantize
 
 
 class _GatherWithMeanGrad(torch.autograd.Function):
@@ -81,6 +82,43 @@ class PQCodebook(nn.Module):
     def forward(self) -> Tensor:
         codes = self.codes.long()
         return _GatherWithMeanGrad.apply(self.centroids, codes).reshape(self.shape)
+
+    @property
+    def code_bits(self) -> int:
+        return bits_for(self.n_centroids)
+
+    @torch.no_grad()
+    def packed_state(self, float_dtype: torch.dtype = torch.float16, centroid_bits: Optional[int] = None) -> Dict[str, Tensor]:
+        """The on-disk form: codes bit-packed to ``code_bits`` (8-bit codes stay a uint8 tensor), centroids
+        in ``float_dtype`` or as int ``centroid_bits`` codes with one scale and zero point."""
+        state: Dict[str, Tensor] = {"fitted": self.fitted}
+        state.update({"codes": self.codes} if self.code_bits == 8 else {"codes_packed": pack_bits(self.codes, self.code_bits)})
+        if centroid_bits:
+            codes, scale, zero_point = quantize(self.centroids, centroid_bits, per_channel=False)
+            state.update(centroids_codes=codes, centroids_scale=scale, centroids_zero_point=zero_point)
+        else:
+            state["centroids"] = self.centroids.detach().to(float_dtype)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Read the packed form too (see ``packed_state``); int centroid codes are kept for int8 kernels.
+
+        A dense checkpoint has no codebook keys at all (e.g. the trained model an iPQ run starts
+        from): the codebook then stays as it is, not fitted yet.
+        """
+        if prefix + "codes_packed" in state_dict:
+            packed = state_dict.pop(prefix + "codes_packed")
+            state_dict[prefix + "codes"] = unpack_bits(packed, self.code_bits, self.codes.numel()).to(self.codes.dtype)
+        self.centroid_codes = None
+        if prefix + "centroids_codes" in state_dict:
+            codes = state_dict.pop(prefix + "centroids_codes")
+            scale, zero_point = state_dict.pop(prefix + "centroids_scale"), state_dict.pop(prefix + "centroids_zero_point")
+            state_dict[prefix + "centroids"] = dequantize(codes, scale, zero_point)
+            self.centroid_codes = (codes, scale, zero_point)  # what the centroids are, exactly, in integers
+        if prefix + "fitted" not in state_dict:
+            for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
+                state_dict.setdefault(prefix + name, tensor.detach())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, block_size={self.block_size}, n_centroids={self.n_centroids}, fitted={bool(self.fitted)}"

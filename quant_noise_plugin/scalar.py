@@ -5,10 +5,12 @@ Per-channel statistics are taken over each output row (dim 0), per-tensor over t
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
+
+from .bitpack import pack_bits, unpack_bits
 
 SUPPORTED_BITS = (4, 8)
 
@@ -89,6 +91,18 @@ class ScalarCodes(torch.nn.Module):
 
     def forward(self) -> Tensor:
         return dequantize(self.codes, self.scale, self.zero_point)
+
+    def packed_state(self, float_dtype: torch.dtype = torch.float16, centroid_bits=None) -> Dict[str, Tensor]:
+        """The on-disk form: 8-bit codes as they are, 4-bit codes two to a byte; scales as they are."""
+        state = {"scale": self.scale, "zero_point": self.zero_point, "n_bits": self.n_bits}
+        state.update({"codes": self.codes} if self.bits == 8 else {"codes_packed": pack_bits(self.codes, self.bits)})
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "codes_packed" in state_dict:
+            packed = state_dict.pop(prefix + "codes_packed")
+            state_dict[prefix + "codes"] = unpack_bits(packed, self.bits, self.codes.numel()).to(torch.uint8).reshape(self.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, per_channel={self.per_channel}"

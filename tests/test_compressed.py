@@ -4,10 +4,9 @@ import io
 import torch
 from torch import nn
 
-from quant_noise_plugin.compressed import (
-    attach_from_state_dict, attach_pq_plan, dense_fp32_bytes, fit_pq, pack_state_dict, provider_of,
-    scalar_quantize_remaining_, size_rows,
-)
+from quant_noise_plugin.compressed import attach_from_state_dict, attach_pq_plan, fit_pq, provider_of, scalar_quantize_remaining_
+from quant_noise_plugin.packing import pack_state_dict
+from quant_noise_plugin.sizes import dense_fp32_bytes, size_rows
 from quant_noise_plugin.schedule import LayerPlan
 
 

@@ -23,9 +23,10 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
-from ..compressed import PROVIDER_CHILDREN, attach_pq_plan, dense_fp32_bytes, fit_pq, is_fitted, layout_of, provider_of, size_rows
+from ..compressed import PROVIDER_CHILDREN, attach_pq_plan, fit_pq, is_fitted, layout_of, provider_of
 from ..models.compressed_loading import CompressedLoadingMixin
 from ..schedule import ScheduleError, load_schedule, plan_schedule, schedule_to_dict
+from ..sizes import dense_fp32_bytes, size_rows
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,119 @@
+"""Size accounting, as the paper counts it: what each stored tensor of a compressed model costs.
+
+A PQ layer costs its codes at ceil(log2 K) bits per block plus its centroids (fp16, or int8/int4
+with one scale); an int layer its codes plus per-row scales; everything else fp16. Tied weights and
+shared providers are counted once; a training model's stale dense copies and unfitted codebooks
+(layers of later iPQ stages) are not part of the model.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from itertools import chain
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .bitpack import bits_for
+from .compressed import PROVIDER_CHILDREN, is_fitted, provider_of
+from .pq import PQCodebook
+
+
+@dataclass
+class SizeRow:
+    name: str
+    shape: tuple
+    method: str  # pq / int8 / int4 / fp16 / fp32
+    block_size: Optional[int]
+    n_centroids: Optional[int]
+    bits_per_weight: float
+    bytes: float
+
+
+def _provider_rows(name: str, provider: nn.Module, centroid_bits: Optional[int]) -> SizeRow:
+    n = math.prod(provider.shape)
+    if isinstance(provider, PQCodebook):
+        code_bytes = math.ceil(provider.n_blocks * bits_for(provider.n_centroids) / 8)
+        k, d = provider.centroids.shape
+        centroid_bytes = math.ceil(k * d * centroid_bits / 8) + 8 if centroid_bits else k * d * 2
+        total = code_bytes + centroid_bytes + 1  # + the fitted flag
+        method = "pq" + (f"+int{centroid_bits}" if centroid_bits else "")
+        return SizeRow(name, provider.shape, method, provider.block_size, provider.n_centroids, 8 * total / n, total)
+    rows = provider.scale.numel()
+    total = math.ceil(n * provider.bits / 8) + rows * 2 * 4 + 1  # codes, scale and zero point, n_bits
+    return SizeRow(name, provider.shape, f"int{provider.bits}", None, None, 8 * total / n, total)
+
+
+def stored_parts(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, Tensor]]]:
+    """What a compressed model stores, each once: (name, fitted provider) and (name, other tensor)."""
+    providers, seen = [], set()
+    for name, module in model.named_modules():
+        provider = provider_of(module)
+        if provider is None or not is_fitted(provider):
+            continue
+        if module._parameters.get("weight") is not None:
+            seen.add(id(module._parameters["weight"]))
+        if id(provider) not in seen:
+            seen.add(id(provider))
+            seen.update(id(t) for t in chain(provider.parameters(), provider.buffers()))
+            providers.append((name, provider))
+    tensors = []
+    for name, tensor in chain(model.named_parameters(), model.named_buffers()):
+        if id(tensor) in seen or not _is_persistent(model, name) or any(f".{c}." in f".{name}" for c in PROVIDER_CHILDREN):
+            continue
+        seen.add(id(tensor))
+        tensors.append((name, tensor))
+    return providers, tensors
+
+
+def size_rows(model: nn.Module, float_bytes: int = 2, centroid_bits: Optional[int] = None) -> List[SizeRow]:
+    """Every stored tensor of the model, grouped by layer, counted once even when tied."""
+    providers, tensors = stored_parts(model)
+    rows = [_provider_rows(name, provider, centroid_bits) for name, provider in providers]
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
+        label = f"fp{8 * float_bytes}" if tensor.is_floating_point() else str(tensor.dtype).replace("torch.", "")
+        rows.append(SizeRow(name, tuple(tensor.shape), label, None, None, 8 * nbytes / max(1, tensor.numel()), nbytes))
+    return rows
+
+
+def dense_fp32_bytes(model: nn.Module) -> int:
+    """The uncompressed model at 4 bytes a weight (tied weights once, compressed layers at full size)."""
+    providers, tensors = stored_parts(model)
+    return 4 * (sum(math.prod(p.shape) for _, p in providers) + sum(t.numel() for _, t in tensors if t.is_floating_point()))
+
+
+def _is_persistent(model: nn.Module, name: str) -> bool:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    return leaf not in owner._non_persistent_buffers_set
+
+
+def storage_key(tensor: Tensor):
+    """Tensors that share this key are one tensor on disk (torch.save stores shared storage once)."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+
+
+def container_overhead_bytes(state: Dict) -> int:
+    """Bytes torch.save spends beside tensor data: the pickle (keys, cfg) and one zip entry per tensor.
+
+    Measured exactly by saving a skeleton of ``state`` whose tensors are empty (shared ones stay
+    shared), plus the worst-case 64-byte alignment padding of each non-empty tensor.
+    """
+    memo: Dict[tuple, Tensor] = {}
+
+    def skeleton(value):
+        if isinstance(value, Tensor):
+            key = storage_key(value)
+            if key not in memo:
+                memo[key] = torch.empty(0, dtype=value.dtype)
+            return memo[key]
+        if isinstance(value, dict):
+            return {k: skeleton(v) for k, v in value.items()}
+        return value
+
+    buffer = io.BytesIO()
+    torch.save(skeleton(state), buffer)
+    return buffer.getbuffer().nbytes + 32 * len(memo)  # on average half the 64-byte alignment
