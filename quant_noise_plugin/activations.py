@@ -136,6 +136,10 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int32))
         self.register_buffer("n_bits", torch.tensor(int(bits), dtype=torch.uint8))
 
+    def packed_state(self, float_dtype=None, centroid_bits=None, symmetric: bool = False):
+        """Stored as they are: an fp16 scale would move every quantization step."""
+        return {"scale": self.scale, "zero_point": self.zero_point, "n_bits": self.n_bits}
+
     @property
     def params(self) -> Tuple[float, int]:
         return float(self.scale), int(self.zero_point)

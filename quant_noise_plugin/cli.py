@@ -46,7 +46,7 @@ def _load_model(state, path: str, data: Optional[str]):
 def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optional[int] = None) -> dict:
     """Per-layer rows and totals; the packed file is predicted as paper bytes + container overhead."""
     from .packing import pack_state_dict
-    from .sizes import container_overhead_bytes, dense_fp32_bytes, size_rows
+    from .sizes import activation_quantizers, container_overhead_bytes, dense_fp32_bytes, size_rows
 
     rows = size_rows(model, centroid_bits=centroid_bits)
     paper = sum(r.bytes for r in rows)
@@ -55,6 +55,8 @@ def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optio
     dense = dense_fp32_bytes(model)
     summary = {
         "layers": [r.__dict__ | {"shape": list(r.shape)} for r in rows],
+        "activations": [{"layer": name, "bits": int(q.n_bits), "scale": q.params[0], "zero_point": q.params[1]}
+                        for name, q in activation_quantizers(model)],
         "dense_fp32_bytes": dense,
         "compressed_bytes": paper,
         "predicted_packed_file_bytes": paper + container_overhead_bytes(packed_form),
@@ -77,9 +79,14 @@ def _print_size(summary: dict, out=sys.stdout) -> None:
             file=out,
         )
     print("-" * len(header), file=out)
+    if summary["activations"]:
+        print(f"int8 inputs of {len(summary['activations'])} Linear layers (per-tensor affine, uint8 codes):", file=out)
+        for a in summary["activations"]:
+            print(f"  {a['layer'][:56]:56s} scale {a['scale']:.6g}  zero point {a['zero_point']:3d}", file=out)
+        print("-" * len(header), file=out)
     mb = 1e6
     print(f"dense fp32 size:                  {summary['dense_fp32_bytes'] / mb:10.3f} MB", file=out)
-    quantized = any(r["method"].startswith(("pq", "int")) for r in summary["layers"])
+    quantized = any(r["method"].startswith(("pq", "int", "act")) for r in summary["layers"])
     if quantized:
         print(f"compressed size (paper counting): {summary['compressed_bytes'] / mb:10.3f} MB", file=out)
     else:
@@ -140,24 +147,42 @@ def cmd_pack(args) -> int:
     from .checkpoints import (
         PACKED_MARKER, CheckpointError, is_packed, read_checkpoint, use_plugin_names, without_namespaces, write_checkpoint_atomically,
     )
+    from .activations import check_activation_bits
+    from .calibration import calibrate_activations_
     from .compressed import scalar_quantize_remaining_
     from .packing import pack_state_dict
 
     state = read_checkpoint(args.checkpoint)
     if is_packed(state):
-        raise CheckpointError(f"{args.checkpoint}: already packed; pack the training checkpoint it came from instead")
-    use_plugin_names(state["cfg"])
-    model, task = _load_model(state, args.checkpoint, args.data)
+        calibrated = " and calibrated (int8 activations)" if any(".input_quant." in k for k in state["model"]) else ""
+        raise CheckpointError(f"{args.checkpoint}: already packed{calibrated}; pack the training checkpoint it came from instead")
     bits = args.scalar_bits
     if bits is None and "ipq_schedule" in (state.get("task_state") or {}):
         bits = state["task_state"]["ipq_schedule"].get("final_scalar_bits")
+    activations = args.activation_bits is not None
+    if activations:
+        check_activation_bits(args.activation_bits)
+        if not args.calibrate:
+            raise CheckpointError("--activation-bits 8 needs --calibrate DATA_DIR (training batches fix the activation ranges)")
+        if bits != 8:
+            raise CheckpointError(f"--activation-bits 8 needs int8 weights: add --scalar-bits 8 (now: {bits or 'none'})")
+    elif args.calibrate:
+        raise CheckpointError("--calibrate is for int8 activations: add --activation-bits 8")
+    use_plugin_names(state["cfg"])
+    model, task = _load_model(state, args.checkpoint, args.data)
     if bits:
-        done = scalar_quantize_remaining_(model, bits)
-        logger.info("int%d codes for %d layers left in float", bits, len(done))
+        done = scalar_quantize_remaining_(model, bits, symmetric=activations)
+        logger.info("int%d codes for %d layers left in float%s", bits, len(done), " (symmetric, for int8 kernels)" if activations else "")
+    marker = {"packed": True, "format": 1, "scalar_bits": bits, "source": os.path.basename(args.checkpoint)}
+    if activations:
+        batches = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
+        params = calibrate_activations_(model, batches, lambda sample: model(**sample["net_input"]), args.observer, args.activation_bits)
+        logger.info("int8 inputs for %d Linear layers, %s observer over %d batches of %s", len(params), args.observer, len(batches), args.calibrate)
+        marker.update(activation_bits=args.activation_bits, observer=args.observer, calibration_batches=len(batches))
     packed = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
     packed["cfg"] = without_namespaces(state["cfg"])
-    packed["model"] = pack_state_dict(model, centroid_bits=bits)
-    packed[PACKED_MARKER] = {"packed": True, "format": 1, "scalar_bits": bits, "source": os.path.basename(args.checkpoint)}
+    packed["model"] = pack_state_dict(model, centroid_bits=bits, symmetric=activations)
+    packed[PACKED_MARKER] = marker
     summary = _size_summary(model, packed, centroid_bits=bits)
     nbytes = write_checkpoint_atomically(packed, args.output)
     predicted = summary["predicted_packed_file_bytes"]
@@ -168,13 +193,54 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int, max_tokens: int = 2048) -> list:
+    """``n_batches`` shuffled training batches of ``data_dir``, which must share the model's dictionaries."""
+    import copy
+
+    from fairseq import tasks, utils
+    from fairseq.dataclass.utils import overwrite_args_by_name
+    from omegaconf import OmegaConf
+
+    from .checkpoints import CheckpointError
+
+    if not Path(data_dir).is_dir():
+        raise CheckpointError(f"--calibrate {data_dir}: no such directory")
+    cfg = OmegaConf.create(copy.deepcopy(state["cfg"]), flags={"allow_objects": True})
+    overwrite_args_by_name(cfg, {"data": str(data_dir)})
+    try:
+        task = tasks.setup_task(cfg.task)
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"--calibrate {data_dir}: not a fairseq data directory of this task ({e})") from None
+    for side in ("source_dictionary", "target_dictionary"):
+        ours, theirs = getattr(model_task, side, None), getattr(task, side, None)
+        if ours is not None and theirs is not None and ours.symbols != theirs.symbols:
+            raise CheckpointError(
+                f"--calibrate {data_dir}: its {side.replace('_', ' ')} ({len(theirs)} types) is not the model's "
+                f"({len(ours)} types): calibrate on data binarized with the model's dictionaries"
+            )
+    try:
+        task.load_dataset("train", combine=False)
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"--calibrate {data_dir}: no training split ({e})") from None
+    iterator = task.get_batch_iterator(
+        dataset=task.dataset("train"), max_tokens=max_tokens, ignore_invalid_inputs=True, seed=1,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+    ).next_epoch_itr(shuffle=True)
+    batches = []
+    for sample in iterator:
+        if len(batches) == n_batches:
+            break
+        batches.append(sample)
+    return batches
+
+
 def cmd_unpack(args) -> int:
     import copy
 
     import torch
 
     from .checkpoints import PACKED_MARKER, read_checkpoint, use_stock_names, write_checkpoint_atomically
-    from .compressed import PROVIDER_CHILDREN, provider_of
+    from .compressed import INPUT_CHILD, PROVIDER_CHILDREN, provider_of
     from .sizes import storage_key
 
     state = read_checkpoint(args.checkpoint)
@@ -187,8 +253,8 @@ def cmd_unpack(args) -> int:
                 if id(provider) not in computed:
                     computed[id(provider)] = provider().detach().float().clone()
                 dense[f"{name}.weight"] = computed[id(provider)]
-        for key, tensor in model.state_dict().items():
-            if not any(f".{c}." in key for c in PROVIDER_CHILDREN):
+        for key, tensor in model.state_dict().items():  # activation scales are dropped: stock fairseq computes in float
+            if not any(f".{c}." in key for c in (*PROVIDER_CHILDREN, INPUT_CHILD)):
                 memo = storage_key(tensor)
                 if memo not in computed:
                     computed[memo] = tensor.float() if tensor.is_floating_point() else tensor
@@ -211,6 +277,8 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .activations import OBSERVERS
+
     parser = argparse.ArgumentParser(prog="quant-noise", description="Quant-Noise + iPQ compression for fairseq models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -231,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--data")
     p.add_argument("--scalar-bits", type=int, choices=(4, 8), default=None, help="int codes for layers left in float and the centroids")
+    p.add_argument("--activation-bits", type=int, default=None,
+                   help="8: int8 inputs for every quantized Linear (needs --scalar-bits 8 and --calibrate); int8 kernels on the CPU")
+    p.add_argument("--calibrate", metavar="DATA_DIR", help="binarized data (the model's dictionaries) whose training batches fix the activation ranges")
+    p.add_argument("--calibration-batches", type=int, default=32, help="training batches of --calibrate to observe (default 32)")
+    p.add_argument("--observer", choices=OBSERVERS, default="mse", help="how a range is chosen from the observed activations (default mse)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("unpack", help="dense checkpoint that stock fairseq loads without the plugin")

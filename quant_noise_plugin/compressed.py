@@ -11,19 +11,22 @@ checkpoints: codes in the smallest integer type, fp32 centroids) and the packed 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .activations import ActivationQuantizer
+from .int8_linear import Int8LinearWeight, is_symmetric
 from .pq import PQCodebook
 from .scalar import ScalarCodes
 from .schedule import LayerPlan, quantizable_weights
-from .weight_swap import add_weight_fn, materialize_attention_weights
+from .weight_swap import add_weight_fn, materialize_attention_weights, route_attention_through_projections
 
 PQ_CHILD = "weight_pq"
 SCALAR_CHILD = "weight_int"
 PROVIDER_CHILDREN = (PQ_CHILD, SCALAR_CHILD)
+INPUT_CHILD = "input_quant"  # a Linear's int8 input quantization (ActivationQuantizer)
 
 
 def provider_of(module: nn.Module) -> Optional[nn.Module]:
@@ -40,9 +43,15 @@ def is_fitted(provider: nn.Module) -> bool:
 # --- attaching providers ---------------------------------------------------------------------
 
 
-def _provider_weight_fn(provider: nn.Module):
+def _provider_weight_fn(module: nn.Module, provider: nn.Module):
+    """The layer's weight from its provider; with an input quantizer, the int8 form (int8_linear.py)."""
+
     def weight(_stored: Optional[Tensor]) -> Optional[Tensor]:
-        return provider() if getattr(provider, "_qn_fitted", True) else None
+        if not getattr(provider, "_qn_fitted", True):
+            return None
+        if INPUT_CHILD in module._modules:
+            return int8_linear_weight(module, provider)
+        return provider()
 
     return weight
 
@@ -71,11 +80,12 @@ def _sync_dense_weight(module: nn.Module, incompatible_keys) -> None:
     weight = module._parameters.get("weight")
     if weight is not None and is_fitted(provider):
         weight.copy_(provider().to(weight.dtype))
+    module.__dict__.pop("_qn_int8_weight", None)  # rebuilt from the loaded codes at the next forward
 
 
 def attach_provider(module: nn.Module, child: str, provider: nn.Module) -> None:
     module.add_module(child, provider)
-    add_weight_fn(module, _provider_weight_fn(provider))
+    add_weight_fn(module, _provider_weight_fn(module, provider))
     module.register_state_dict_post_hook(_drop_dense_weight)
     module.register_load_state_dict_pre_hook(_fill_dense_weight)
     module.register_load_state_dict_post_hook(_sync_dense_weight)
@@ -177,21 +187,30 @@ def attach_from_state_dict(model: nn.Module, state_dict, free_dense: bool = True
             if free_dense and fitted:
                 for module_name in tied.get(name, [name]):
                     free_dense_weight(modules[module_name])
+    for key in state_dict:
+        marker = f".{INPUT_CHILD}."
+        if marker in key and INPUT_CHILD not in modules.get(key.split(marker)[0], nn.Module())._modules:
+            name = key.split(marker)[0]
+            if name not in modules or provider_of(modules[name]) is None:
+                raise ValueError(f"the checkpoint quantizes the input of layer {name}, which this model does not have quantized")
+            attach_activation_quantizer(modules[name], ActivationQuantizer())
     if attached:
         materialize_attention_weights(model)
+    route_int8_attention(model)
     return len({id(p) for p in attached.values()})
 
 
 @torch.no_grad()
-def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = True) -> List[str]:
-    """int-``bits`` codes for every Linear/Embedding weight not compressed yet (per-row scales)."""
+def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = True, symmetric: bool = False) -> List[str]:
+    """int-``bits`` codes for every Linear/Embedding weight not compressed yet (per-row scales;
+    ``symmetric``: as int8 kernels take them)."""
     done = []
     modules = dict(model.named_modules(remove_duplicate=False))
     for names in quantizable_weights(model).values():
         if provider_of(modules[names[0]]) is not None:
             continue
         weight = modules[names[0]]._parameters["weight"]
-        provider = ScalarCodes(weight.shape, bits, per_channel=True).fit(weight)
+        provider = ScalarCodes(weight.shape, bits, per_channel=True, symmetric=symmetric).fit(weight)
         for name in names:
             attach_provider(modules[name], SCALAR_CHILD, provider)
             if free_dense:
@@ -199,3 +218,53 @@ def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = T
         done.append(names[0])
     materialize_attention_weights(model)
     return done
+
+
+# --- int8 activations ------------------------------------------------------------------------
+
+
+def activation_targets(model: nn.Module) -> List[str]:
+    """The Linear layers whose input int8 activations apply to: every Linear with a fitted provider."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and provider_of(module) is not None and is_fitted(provider_of(module))]
+
+
+def attach_activation_quantizer(module: nn.Module, quantizer: ActivationQuantizer) -> None:
+    """From now on the layer computes with int8 inputs (and its int8 weight, on the CPU's int8 kernels).
+
+    Call ``route_int8_attention(model)`` once the model's quantizers are attached.
+    """
+    if provider_of(module) is None:
+        raise ValueError("int8 activations need the layer's weight quantized first")
+    module.add_module(INPUT_CHILD, quantizer)
+    module.__dict__.pop("_qn_int8_weight", None)
+    quantizer.register_load_state_dict_post_hook(lambda q, keys: module.__dict__.pop("_qn_int8_weight", None))
+
+
+def route_int8_attention(model: nn.Module, names: Sequence[str] = ()) -> int:
+    """Attention whose projections take int8 inputs (or are in ``names``) calls them (see weight_swap)."""
+    quantized = [name for name, module in model.named_modules() if INPUT_CHILD in module._modules]
+    return route_attention_through_projections(model, [*quantized, *names])
+
+
+def int8_linear_weight(module: nn.Module, provider: nn.Module) -> Int8LinearWeight:
+    """The layer's int8 compute form, built once (inference only): oneDNN-packed symmetric int8 codes
+    when its weight has them (int8 ScalarCodes, or PQ with int8 centroids gathered by the codes), else
+    the float weight behind the same interface (the reference path)."""
+    cached = module.__dict__.get("_qn_int8_weight")
+    if cached is not None:
+        return cached
+    scale, zero_point = module._modules[INPUT_CHILD].params
+    codes = None
+    if isinstance(provider, ScalarCodes) and provider.bits == 8 and is_symmetric(provider.zero_point):
+        codes, w_scale, w_zero_point = provider.codes, provider.scale, provider.zero_point
+    elif isinstance(provider, PQCodebook) and getattr(provider, "centroid_codes", None) is not None:
+        centroid_codes, w_scale, w_zero_point = provider.centroid_codes
+        if is_symmetric(w_zero_point):
+            codes = centroid_codes[provider.codes.long()].reshape(provider.shape)
+    if codes is not None:
+        weight = Int8LinearWeight.from_codes(codes, w_scale, w_zero_point, scale, zero_point, dequantize=provider)
+    else:
+        weight = Int8LinearWeight.reference_only(tuple(provider.shape), scale, zero_point, dequantize=provider)
+    module.__dict__["_qn_int8_weight"] = weight
+    return weight

@@ -24,6 +24,8 @@ HELP = {
     "pq_centroids": "0: dropped blocks are zeroed (the paper's proxy); K>0: selected blocks are replaced by their nearest "
                     "of K centroids k-means'd from the layer's weight (the real iPQ error, straight-through)",
     "pq_refit_updates": "with --quant-noise-pq-centroids: refit the centroids every this many updates",
+    "activations": "fraction of each noised Linear's input fake-quantized to int8 each training forward (running "
+                   "min-max range, straight-through): trains for int8 activations",
     "start_update": "no noise before this update (e.g. noise only in the last part of training)",
     "ramp_updates": "from --quant-noise-start-update, raise every rate linearly from 0 over this many updates",
 }
@@ -39,6 +41,7 @@ class QuantNoiseExtraOptions(FairseqDataclass):
     quant_noise_pq_embeddings: Optional[float] = field(default=None, metadata={"help": HELP["pq_embeddings"]})
     quant_noise_pq_centroids: int = field(default=0, metadata={"help": HELP["pq_centroids"]})
     quant_noise_pq_refit_updates: int = field(default=100, metadata={"help": HELP["pq_refit_updates"]})
+    quant_noise_activations: float = field(default=0.0, metadata={"help": HELP["activations"]})
     quant_noise_start_update: int = field(default=0, metadata={"help": HELP["start_update"]})
     quant_noise_ramp_updates: int = field(default=0, metadata={"help": HELP["ramp_updates"]})
 
@@ -82,6 +85,7 @@ class CriterionNoiseOptions(FairseqDataclass):
     qn_pq_embeddings: Optional[float] = field(default=None, metadata={"help": HELP["pq_embeddings"]})
     qn_pq_centroids: int = field(default=0, metadata={"help": HELP["pq_centroids"]})
     qn_pq_refit_updates: int = field(default=100, metadata={"help": HELP["pq_refit_updates"]})
+    qn_activations: float = field(default=0.0, metadata={"help": HELP["activations"]})
     qn_start_update: int = field(default=0, metadata={"help": HELP["start_update"]})
     qn_ramp_updates: int = field(default=0, metadata={"help": HELP["ramp_updates"]})
 

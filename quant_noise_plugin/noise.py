@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .activations import fake_quantize_activation
 from .scalar import fake_quantize
 
 
@@ -86,6 +87,19 @@ def scalar_noise(
         selected = torch.rand(weight.shape, device=weight.device, generator=generator) < p
         noised = torch.where(selected, noised, weight.detach())
     return _StraightThrough.apply(weight, noised)
+
+
+def activation_noise(x: Tensor, p: float, scale: float, zero_point: int, bits: int = 8,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    """Replace a random P fraction of activations by their int-``bits`` fake-quantized value (affine,
+    fixed parameters); straight-through, like ``scalar_noise`` for weights."""
+    if p <= 0:
+        return x
+    quantized = fake_quantize_activation(x.detach(), scale, zero_point, bits)
+    if p < 1:
+        selected = torch.rand(x.shape, device=x.device, generator=generator) < p
+        quantized = torch.where(selected, quantized, x.detach())
+    return x + (quantized - x.detach())
 
 
 class _StraightThrough(torch.autograd.Function):

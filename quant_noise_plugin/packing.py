@@ -1,8 +1,8 @@
 """The packed, inference-only form of a compressed model (``quant-noise pack``).
 
 Each provider writes its own packed tensors (PQ codes bit-packed to ceil(log2 K) bits, centroids
-fp16 or int8/int4; int4 weights two to a byte) and reads them back when loaded; every other float
-tensor is stored fp16. Tensors shared by several keys (tied weights, one provider for several
+fp16 or int8/int4; int4 weights two to a byte) and reads them back when loaded, and so does each
+activation quantizer (its fp32 scale and zero point); every other float tensor is stored fp16. Tensors shared by several keys (tied weights, one provider for several
 layers) stay one tensor on disk.
 """
 from __future__ import annotations
@@ -12,30 +12,32 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .compressed import PROVIDER_CHILDREN, is_fitted, provider_of
+from .compressed import PROVIDER_CHILDREN, is_fitted
 from .sizes import storage_key
 
 
 @torch.no_grad()
-def pack_state_dict(model: nn.Module, float_dtype: torch.dtype = torch.float16, centroid_bits: Optional[int] = None) -> Dict[str, Tensor]:
-    """The model's state in the packed form."""
-    providers = {}
+def pack_state_dict(model: nn.Module, float_dtype: torch.dtype = torch.float16, centroid_bits: Optional[int] = None,
+                    symmetric: bool = False) -> Dict[str, Tensor]:
+    """The model's state in the packed form (``symmetric``: int centroids as int8 kernels take them)."""
+    self_packing = {}  # fitted providers and activation quantizers write their own packed tensors
     for name, module in model.named_modules(remove_duplicate=False):
-        provider = provider_of(module)
-        if provider is not None and is_fitted(provider):
-            for child in PROVIDER_CHILDREN:
-                if child in module._modules:
-                    providers[f"{name}.{child}" if name else child] = provider
-    packed_by_provider: Dict[int, Dict[str, Tensor]] = {}
+        for child_name, child in module._modules.items():
+            if child is None or not hasattr(child, "packed_state"):
+                continue
+            if child_name in PROVIDER_CHILDREN and not is_fitted(child):
+                continue
+            self_packing[f"{name}.{child_name}" if name else child_name] = child
+    packed_by_module: Dict[int, Dict[str, Tensor]] = {}
     shared: Dict[tuple, Tensor] = {}
     packed: Dict[str, Tensor] = {}
     for key, tensor in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
-        provider = providers.get(prefix)
-        if provider is not None:
-            if id(provider) not in packed_by_provider:
-                packed_by_provider[id(provider)] = provider.packed_state(float_dtype, centroid_bits)
-            for suffix, value in packed_by_provider[id(provider)].items():
+        owner = self_packing.get(prefix)
+        if owner is not None:
+            if id(owner) not in packed_by_module:
+                packed_by_module[id(owner)] = owner.packed_state(float_dtype, centroid_bits, symmetric)
+            for suffix, value in packed_by_module[id(owner)].items():
                 packed[f"{prefix}.{suffix}"] = value
             continue
         memo = storage_key(tensor)

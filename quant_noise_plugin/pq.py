@@ -88,13 +88,15 @@ class PQCodebook(nn.Module):
         return bits_for(self.n_centroids)
 
     @torch.no_grad()
-    def packed_state(self, float_dtype: torch.dtype = torch.float16, centroid_bits: Optional[int] = None) -> Dict[str, Tensor]:
+    def packed_state(self, float_dtype: torch.dtype = torch.float16, centroid_bits: Optional[int] = None,
+                     symmetric: bool = False) -> Dict[str, Tensor]:
         """The on-disk form: codes bit-packed to ``code_bits`` (8-bit codes stay a uint8 tensor), centroids
-        in ``float_dtype`` or as int ``centroid_bits`` codes with one scale and zero point."""
+        in ``float_dtype`` or as int ``centroid_bits`` codes with one scale and zero point (symmetric:
+        what int8 kernels take, see int8_linear.py)."""
         state: Dict[str, Tensor] = {"fitted": self.fitted}
         state.update({"codes": self.codes} if self.code_bits == 8 else {"codes_packed": pack_bits(self.codes, self.code_bits)})
         if centroid_bits:
-            codes, scale, zero_point = quantize(self.centroids, centroid_bits, per_channel=False)
+            codes, scale, zero_point = quantize(self.centroids, centroid_bits, per_channel=False, symmetric=symmetric)
             state.update(centroids_codes=codes, centroids_scale=scale, centroids_zero_point=zero_point)
         else:
             state["centroids"] = self.centroids.detach().to(float_dtype)

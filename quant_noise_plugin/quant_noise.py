@@ -12,12 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
+import torch
 from torch import Tensor, nn
 
+from .activations import affine_qparams
 from .kmeans import kmeans
-from .noise import centroid_noise, check_probability, pq_noise, scalar_noise
+from .noise import activation_noise, centroid_noise, check_probability, pq_noise, scalar_noise
 from .scalar import check_bits
-from .weight_swap import add_weight_fn, materialize_attention_weights
+from .weight_swap import add_input_fn, add_weight_fn, materialize_attention_weights, route_attention_through_projections
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class QuantNoiseConfig:
     scalar_bits: int = 8
     scalar_per_channel: bool = False
     exclude: Optional[str] = None  # regex over module names left without noise
+    activations: float = 0.0  # fraction of each noised Linear's input fake-quantized to int8 (running range)
     start_update: int = 0  # no noise before this update
     ramp_updates: int = 0  # then the rates rise linearly to their value over this many updates
 
@@ -43,6 +46,7 @@ class QuantNoiseConfig:
         if self.pq_embeddings is not None:
             check_probability(self.pq_embeddings, "--quant-noise-pq-embeddings")
         check_probability(self.scalar, "--quant-noise-scalar", allow_one=True)
+        check_probability(self.activations, "--quant-noise-activations", allow_one=True)
         check_bits(self.scalar_bits, "--quant-noise-scalar-bits")
         if self.pq_block_size <= 0:
             raise ValueError(f"--quant-noise-pq-block-size={self.pq_block_size}: must be positive")
@@ -64,7 +68,7 @@ class QuantNoiseConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.pq > 0 or (self.pq_embeddings or 0) > 0 or self.scalar > 0
+        return self.pq > 0 or (self.pq_embeddings or 0) > 0 or self.scalar > 0 or self.activations > 0
 
     def rate_scale(self, update: int) -> float:
         """Fraction of the configured rates in force at ``update`` (0 before the start, then a linear ramp)."""
@@ -92,6 +96,7 @@ class QuantNoiseConfig:
             scalar_bits=int(get("scalar_bits", 8)),
             scalar_per_channel=bool(get("scalar_per_channel", False)),
             exclude=get("exclude", None) or None,
+            activations=float(get("activations", 0.0)),
             start_update=int(get("start_update", 0)),
             ramp_updates=int(get("ramp_updates", 0)),
         ).validate()
@@ -133,6 +138,41 @@ class _Codebooks:
             entry = (result.centroids, self.clock.update)
             self.fitted[id(weight)] = entry
         return entry[0]
+
+
+class RunningRange:
+    """The range of a layer's inputs during training: an exponential moving average of each batch's
+    min and max (what activation noise quantizes with; calibration fixes the final one)."""
+
+    MOMENTUM = 0.9
+
+    def __init__(self) -> None:
+        self.lo: Optional[float] = None
+        self.hi: Optional[float] = None
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> Tuple[float, int]:
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.MOMENTUM * self.lo + (1 - self.MOMENTUM) * lo
+            self.hi = self.MOMENTUM * self.hi + (1 - self.MOMENTUM) * hi
+        return affine_qparams(self.lo, self.hi)
+
+
+def _activation_noise_fn(module: nn.Module, cfg: QuantNoiseConfig, clock: NoiseClock):
+    observed = RunningRange()
+
+    def noised(x: Tensor) -> Optional[Tensor]:
+        if not module.training:
+            return None
+        scale = cfg.rate_scale(clock.update)
+        if scale <= 0:
+            return None
+        return activation_noise(x, cfg.activations * scale, *observed.update(x))
+
+    return noised
 
 
 def _noise_fn(module: nn.Module, cfg: QuantNoiseConfig, pq_rate: float, clock: NoiseClock, codebooks: _Codebooks):
@@ -223,7 +263,7 @@ def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig) -> List[str]:
     if not cfg.enabled:
         return []
     rates = noise_rates(model, cfg)
-    names = [name for name, rate in rates.items() if rate > 0 or cfg.scalar > 0]
+    names = [name for name, rate in rates.items() if rate > 0 or cfg.scalar > 0]  # weight noise
     modules = dict(model.named_modules())
     for name in names:
         weight = modules[name].weight
@@ -245,11 +285,18 @@ def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig) -> List[str]:
         module = modules[name]
         add_weight_fn(module, _noise_fn(module, cfg, rates[name], clock, codebooks))
         module.set_num_updates = clock.set_num_updates
+    noised_inputs = [name for name in rates if isinstance(modules[name], nn.Linear)] if cfg.activations > 0 else []
+    for name in noised_inputs:
+        add_input_fn(modules[name], _activation_noise_fn(modules[name], cfg, clock))
+        modules[name].set_num_updates = clock.set_num_updates
     materialize_attention_weights(model)
+    route_attention_through_projections(model, noised_inputs)
     model.__dict__["quant_noise_clock"] = clock
     extras = [f"embeddings pq={cfg.pq_embeddings}"] if cfg.pq_embeddings is not None else []
     if cfg.pq_centroids:
         extras.append(f"centroid noise K={cfg.pq_centroids}, refit every {cfg.pq_refit_updates} updates")
+    if cfg.activations:
+        extras.append(f"activations {cfg.activations} (int8) on {len(noised_inputs)} Linear inputs")
     if cfg.start_update or cfg.ramp_updates:
         extras.append(f"from update {cfg.start_update}, ramp {cfg.ramp_updates} updates")
     logger.info(

@@ -20,8 +20,12 @@ def check_bits(bits: int, flag: str = "bits") -> None:
         raise ValueError(f"{flag}={bits}: only {SUPPORTED_BITS} bits are supported")
 
 
-def affine_params(weight: Tensor, bits: int, per_channel: bool = False) -> Tuple[Tensor, Tensor]:
-    """Min-max observer: (scale, zero_point), shaped to broadcast against ``weight``."""
+def affine_params(weight: Tensor, bits: int, per_channel: bool = False, symmetric: bool = False) -> Tuple[Tensor, Tensor]:
+    """Min-max observer: (scale, zero_point), shaped to broadcast against ``weight``.
+
+    Symmetric: zero point 2**(bits-1) and scale max|w| / (2**(bits-1) - 1), i.e. signed codes in
+    [-(2**(bits-1) - 1), 2**(bits-1) - 1] stored with an offset; what int8 GEMM kernels take as weights.
+    """
     check_bits(bits)
     qmax = 2**bits - 1
     w = weight.detach().float()
@@ -31,6 +35,10 @@ def affine_params(weight: Tensor, bits: int, per_channel: bool = False) -> Tuple
     else:
         lo, hi = torch.aminmax(w)
         view = (1,) * w.dim()
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = torch.clamp(torch.maximum(-lo, hi) / (half - 1), min=1e-8)
+        return scale.reshape(view), torch.full_like(scale, float(half)).reshape(view)
     lo = torch.clamp(lo, max=0.0)  # keep 0 exactly representable
     hi = torch.clamp(hi, min=0.0)
     scale = torch.clamp((hi - lo) / qmax, min=1e-8)
@@ -38,9 +46,9 @@ def affine_params(weight: Tensor, bits: int, per_channel: bool = False) -> Tuple
     return scale.reshape(view), zero_point.reshape(view)
 
 
-def quantize(weight: Tensor, bits: int, per_channel: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+def quantize(weight: Tensor, bits: int, per_channel: bool = False, symmetric: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Integer codes (uint8) and their (scale, zero_point)."""
-    scale, zero_point = affine_params(weight, bits, per_channel)
+    scale, zero_point = affine_params(weight, bits, per_channel, symmetric)
     codes = torch.clamp(torch.round(weight.detach().float() / scale) + zero_point, 0, 2**bits - 1)
     return codes.to(torch.uint8), scale, zero_point
 
@@ -65,15 +73,16 @@ class ScalarCodes(torch.nn.Module):
     """A weight stored as int-``bits`` codes with per-row (or per-tensor) scale and zero point.
 
     ``forward()`` returns the dequantized weight; codes are kept unpacked (uint8) in memory and
-    bit-packed only on disk (see compressed.py).
+    bit-packed only on disk (``packed_state``).
     """
 
-    def __init__(self, shape, bits: int, per_channel: bool = True):
+    def __init__(self, shape, bits: int, per_channel: bool = True, symmetric: bool = False):
         super().__init__()
         check_bits(bits)
         self.shape = tuple(int(s) for s in shape)
         self.bits = int(bits)
         self.per_channel = bool(per_channel)
+        self.symmetric = bool(symmetric)  # how ``fit`` chooses its parameters; the stored form is the same
         rows = self.shape[0] if per_channel else 1
         view = (rows,) + (1,) * (len(self.shape) - 1)
         self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8))
@@ -83,7 +92,7 @@ class ScalarCodes(torch.nn.Module):
 
     @torch.no_grad()
     def fit(self, weight: Tensor) -> "ScalarCodes":
-        codes, scale, zero_point = quantize(weight, self.bits, self.per_channel)
+        codes, scale, zero_point = quantize(weight, self.bits, self.per_channel, self.symmetric)
         self.codes.copy_(codes.reshape(self.shape))
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
@@ -92,7 +101,7 @@ class ScalarCodes(torch.nn.Module):
     def forward(self) -> Tensor:
         return dequantize(self.codes, self.scale, self.zero_point)
 
-    def packed_state(self, float_dtype: torch.dtype = torch.float16, centroid_bits=None) -> Dict[str, Tensor]:
+    def packed_state(self, float_dtype: torch.dtype = torch.float16, centroid_bits=None, symmetric: bool = False) -> Dict[str, Tensor]:
         """The on-disk form: 8-bit codes as they are, 4-bit codes two to a byte; scales as they are."""
         state = {"scale": self.scale, "zero_point": self.zero_point, "n_bits": self.n_bits}
         state.update({"codes": self.codes} if self.bits == 8 else {"codes_packed": pack_bits(self.codes, self.bits)})

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .bitpack import bits_for
-from .compressed import PROVIDER_CHILDREN, is_fitted, provider_of
+from .activations import ActivationQuantizer
+from .compressed import INPUT_CHILD, PROVIDER_CHILDREN, is_fitted, provider_of
 from .pq import PQCodebook
 
 
@@ -61,17 +62,24 @@ def stored_parts(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], List[Tu
             providers.append((name, provider))
     tensors = []
     for name, tensor in chain(model.named_parameters(), model.named_buffers()):
-        if id(tensor) in seen or not _is_persistent(model, name) or any(f".{c}." in f".{name}" for c in PROVIDER_CHILDREN):
+        if id(tensor) in seen or not _is_persistent(model, name) or any(f".{c}." in f".{name}" for c in (*PROVIDER_CHILDREN, INPUT_CHILD)):
             continue
         seen.add(id(tensor))
         tensors.append((name, tensor))
     return providers, tensors
 
 
+def activation_quantizers(model: nn.Module) -> List[Tuple[str, ActivationQuantizer]]:
+    """(layer name, its input quantizer), in model order."""
+    return [(name, module._modules[INPUT_CHILD]) for name, module in model.named_modules() if INPUT_CHILD in module._modules]
+
+
 def size_rows(model: nn.Module, float_bytes: int = 2, centroid_bits: Optional[int] = None) -> List[SizeRow]:
     """Every stored tensor of the model, grouped by layer, counted once even when tied."""
     providers, tensors = stored_parts(model)
     rows = [_provider_rows(name, provider, centroid_bits) for name, provider in providers]
+    for name, quantizer in activation_quantizers(model):  # fp32 scale, int32 zero point, uint8 bits
+        rows.append(SizeRow(f"{name}.{INPUT_CHILD}", (), f"act-int{int(quantizer.n_bits)}", None, None, 0.0, 9))
     for name, tensor in tensors:
         nbytes = tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
         label = f"fp{8 * float_bytes}" if tensor.is_floating_point() else str(tensor.dtype).replace("torch.", "")

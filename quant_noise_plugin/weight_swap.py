@@ -7,12 +7,14 @@ The registered Parameter is never reassigned or written: the optimizer, ``state_
 modules keep seeing the real one, and autograd carries gradients from the derived weight back to it.
 
 This one mechanism serves Quant-Noise (derived = noised copy), PQ layers (derived = centroids
-gathered by assignments) and int8/int4 layers (derived = dequantized codes), for any module whose
-forward reads ``self.weight``: nn.Linear, nn.Embedding and their subclasses.
+gathered by assignments), int8/int4 layers (derived = dequantized codes) and int8 compute
+(derived = an int8 weight that F.linear runs on int8 kernels), for any module whose forward reads
+``self.weight``: nn.Linear, nn.Embedding and their subclasses. ``add_input_fn`` is its twin for
+the input (activation noise).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -46,6 +48,30 @@ def add_weight_fn(module: nn.Module, fn: WeightFn) -> None:
 
 def weight_fns(module: nn.Module) -> List[WeightFn]:
     return list(module.__dict__.get(_FNS, []))
+
+
+InputFn = Callable[[Tensor], Optional[Tensor]]
+_INPUT_FNS = "_qn_input_fns"
+
+
+def _input_pre_hook(module: nn.Module, args):
+    if not args or not isinstance(args[0], Tensor):
+        return None
+    x, changed = args[0], False
+    for fn in module.__dict__[_INPUT_FNS]:
+        derived = fn(x)
+        if derived is not None:
+            x, changed = derived, True
+    return (x, *args[1:]) if changed else None
+
+
+def add_input_fn(module: nn.Module, fn: InputFn) -> None:
+    """The twin of ``add_weight_fn`` for activations: the module computes with ``fn(input)``
+    (None from ``fn`` means unchanged), e.g. a fake-quantized copy of its input."""
+    if _INPUT_FNS not in module.__dict__:
+        module.__dict__[_INPUT_FNS] = []
+        module.register_forward_pre_hook(_input_pre_hook)
+    module.__dict__[_INPUT_FNS].append(fn)
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -84,3 +110,21 @@ def materialize_attention_weights(model: nn.Module) -> int:
             module.register_forward_hook(_attention_post_hook, always_call=True)
             hooked += 1
     return hooked
+
+
+def route_attention_through_projections(model: nn.Module, names: Sequence[str]) -> int:
+    """Attention modules with a projection in ``names`` call their projections (fairseq's unfused path).
+
+    fairseq's fused attention hands the q/k/v/out weights to one kernel and never calls the
+    projections, so nothing can act on their inputs (activation noise, int8 inputs);
+    ``skip_embed_dim_check`` is fairseq's own switch to the path that calls them. Returns how many
+    attention modules were switched.
+    """
+    listed, switched = set(names), 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "skip_embed_dim_check"):
+            continue
+        if any(f"{name}.{p}".lstrip(".") in listed for p in _PROJECTIONS):
+            module.skip_embed_dim_check = True
+            switched += 1
+    return switched
