@@ -69,6 +69,10 @@ class ActivationStats:
         self.counts = counts if self.counts is None else self.counts + counts
 
     @property
+    def observed(self) -> bool:
+        return self.lo <= self.hi
+
+    @property
     def bounds(self) -> Tuple[float, float]:
         if self.lo > self.hi:
             raise ValueError("no activation was observed")

@@ -8,6 +8,7 @@ they will be stored (int8 or PQ), inputs still in float.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
@@ -16,11 +17,13 @@ from torch import nn
 from .activations import ActivationQuantizer, ActivationStats, check_activation_bits
 from .compressed import activation_targets, attach_activation_quantizer, route_int8_attention
 
+logger = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def calibrate_activations_(model: nn.Module, batches: Sequence[Any], run: Callable[[Any], Any], observer: str = "mse",
                            bits: int = 8) -> Dict[str, Tuple[float, int]]:
-    """Attach an int8 input quantizer to every quantized Linear of ``model``; returns their (scale, zero point)."""
+    """Attach an int8 input quantizer to every quantized Linear that ``run`` uses; returns their (scale, zero point)."""
     check_activation_bits(bits)
     targets = activation_targets(model)
     if not targets:
@@ -46,6 +49,9 @@ def calibrate_activations_(model: nn.Module, batches: Sequence[Any], run: Callab
         model.train(was_training)
     params = {}
     for name in targets:
+        if not stats[name].observed:  # a layer the task never runs (RoBERTa's LM head in a classifier)
+            logger.info("calibration: %s never ran on these batches; its input stays float", name)
+            continue
         scale, zero_point = stats[name].qparams(observer, bits)
         attach_activation_quantizer(modules[name], ActivationQuantizer(scale, zero_point, bits))
         params[name] = (scale, zero_point)

@@ -13,9 +13,11 @@ from .errors import QuantNoiseError
 from .safe_load import allow_fairseq_checkpoint_classes
 
 PACKED_MARKER = "quant_noise"  # top-level key of packed checkpoints: {"packed": True, "format": 1}
-PLUGIN_ARCHS = {"transformer_lm": "qn_transformer_lm", "transformer": "qn_transformer"}  # stock model -> plugin twin
-PLUGIN_TASKS = {"language_modeling": "ipq_language_modeling", "translation": "ipq_translation"}
-PLUGIN_CRITERIONS = {"cross_entropy": "qn_cross_entropy", "label_smoothed_cross_entropy": "qn_label_smoothed_cross_entropy"}
+PLUGIN_ARCHS = {"transformer_lm": "qn_transformer_lm", "transformer": "qn_transformer", "roberta": "qn_roberta"}  # stock model -> plugin twin
+PLUGIN_TASKS = {"language_modeling": "ipq_language_modeling", "translation": "ipq_translation", "masked_lm": "ipq_masked_lm",
+                "sentence_prediction": "ipq_sentence_prediction"}
+PLUGIN_CRITERIONS = {"cross_entropy": "qn_cross_entropy", "label_smoothed_cross_entropy": "qn_label_smoothed_cross_entropy",
+                     "masked_lm": "qn_masked_lm", "sentence_prediction": "qn_sentence_prediction"}
 
 
 class CheckpointError(QuantNoiseError):

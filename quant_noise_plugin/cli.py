@@ -175,8 +175,9 @@ def cmd_pack(args) -> int:
         logger.info("int%d codes for %d layers left in float%s", bits, len(done), " (symmetric, for int8 kernels)" if activations else "")
     marker = {"packed": True, "format": 1, "scalar_bits": bits, "source": os.path.basename(args.checkpoint)}
     if activations:
-        batches = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
-        params = calibrate_activations_(model, batches, lambda sample: model(**sample["net_input"]), args.observer, args.activation_bits)
+        batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
+        # the training criterion runs the model as the task does (e.g. through a classification head)
+        params = calibrate_activations_(model, batches, lambda sample: criterion(model, sample), args.observer, args.activation_bits)
         logger.info("int8 inputs for %d Linear layers, %s observer over %d batches of %s", len(params), args.observer, len(batches), args.calibrate)
         marker.update(activation_bits=args.activation_bits, observer=args.observer, calibration_batches=len(batches))
     packed = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
@@ -193,8 +194,9 @@ def cmd_pack(args) -> int:
     return 0
 
 
-def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int, max_tokens: int = 2048) -> list:
-    """``n_batches`` shuffled training batches of ``data_dir``, which must share the model's dictionaries."""
+def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int, max_tokens: int = 2048):
+    """``n_batches`` shuffled training batches of ``data_dir`` (which must share the model's
+    dictionaries), and the checkpoint's training criterion to run them through the model."""
     import copy
 
     from fairseq import tasks, utils
@@ -231,7 +233,7 @@ def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int
         if len(batches) == n_batches:
             break
         batches.append(sample)
-    return batches
+    return batches, task.build_criterion(cfg.criterion)
 
 
 def cmd_unpack(args) -> int:

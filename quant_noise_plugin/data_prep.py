@@ -5,9 +5,12 @@
 - MT: English (KJV) - Spanish (Reina-Valera 1909, ``sword-text-sparv`` via ``diatheke``) verse
   pairs, aligned on (book, chapter, verse) with mismatches dropped, joint sentencepiece BPE,
   binarized with ``fairseq-preprocess``; raw Spanish kept for sacrebleu.
+- CLS: KJV verse pairs in three balanced classes (the next verse / same chapter, not adjacent /
+  another book), binarized for ``sentence_prediction`` with the LM's dictionary, which masked-LM
+  pretraining on the LM data uses too.
 
 Splits are by chapter (every 20th chapter to valid, the next to test), so they are deterministic
-and never share a chapter. Everything is written to a temporary directory renamed at the end.
+and never share a chapter. Each part is built in a temporary directory and moved in whole.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -30,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 DEBIAN_PACKAGES = ("bible-kjv", "diatheke", "sword-text-sparv")
 SPANISH_MODULE = "spaRV1909eb"
-RECIPE_VERSION = 1
 MARKER = ".complete.json"
 Verse = Tuple[int, int, int]  # book index, chapter, verse
 
@@ -181,35 +184,138 @@ def prepare_mt(kjv: Dict[Verse, str], rv: Dict[Verse, str], out: Path, tiny: boo
     return stats
 
 
-def _recipe(tiny: bool) -> str:
-    return hashlib.sha256(json.dumps({"version": RECIPE_VERSION, "tiny": tiny}).encode()).hexdigest()[:16]
+PAIR_LABELS = ("next", "same_chapter", "other_book")
+
+
+def verse_pairs(verses: List[Verse], seed: int = 0) -> List[Tuple[Verse, Verse, str]]:
+    """Balanced sentence-pair examples from one split's verses, three per anchor verse:
+
+    - ``next``: the anchor and the verse after it;
+    - ``same_chapter``: the anchor and a verse of its chapter that is not adjacent to it;
+    - ``other_book``: the anchor and a verse of another book.
+    Every verse used comes from ``verses`` (one split's chapters), so a split never sees another's.
+    An anchor needs a following verse and a non-adjacent one in its chapter; a split needs two books.
+    """
+    rng = random.Random(seed)
+    chapters: Dict[Tuple[int, int], List[Verse]] = {}
+    for v in sorted(verses):
+        chapters.setdefault(v[:2], []).append(v)
+    by_book: Dict[int, List[Verse]] = {}
+    for v in sorted(verses):
+        by_book.setdefault(v[0], []).append(v)
+    books = sorted(by_book)
+    if len(books) < 2:
+        raise DataError("verse pairs need verses of at least two books in every split")
+    pairs = []
+    for chapter in sorted(chapters):
+        in_chapter = chapters[chapter]
+        for i, anchor in enumerate(in_chapter[:-1]):
+            far = [w for j, w in enumerate(in_chapter) if abs(j - i) > 1]
+            if not far:
+                continue
+            other = rng.choice([b for b in books if b != anchor[0]])
+            pairs += [(anchor, in_chapter[i + 1], "next"), (anchor, rng.choice(far), "same_chapter"),
+                      (anchor, rng.choice(by_book[other]), "other_book")]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _spread(verses: List[Verse], n: int) -> List[Verse]:
+    """At least ``n`` verses in whole chapters taken evenly across the list (a tiny slice with several books)."""
+    chapters = sorted({v[:2] for v in verses})
+    step = max(1, len(chapters) // max(1, n // 25))
+    keep = set(chapters[::step])
+    return [v for v in verses if v[:2] in keep][: max(n, 1)]
+
+
+def prepare_cls(kjv: Dict[Verse, str], out: Path, tiny: bool, dictionary: Path) -> dict:
+    """The verse-pair classification data, binarized for fairseq's ``sentence_prediction`` task
+    (input0 / input1 with the LM's word dictionary, which masked-LM pretraining uses too; label)."""
+    splits = _splits(list(kjv))
+    if tiny:
+        splits = {name: _spread(verses, {"train": 600, "valid": 120, "test": 120}[name]) for name, verses in splits.items()}
+    raw = out / "raw"
+    raw.mkdir(parents=True)
+    stats = {}
+    for seed, (name, verses) in enumerate(splits.items()):
+        pairs = verse_pairs(verses, seed)
+        _write(raw / f"{name}.input0", [word_tokenize(kjv[a]) for a, _, _ in pairs])
+        _write(raw / f"{name}.input1", [word_tokenize(kjv[b]) for _, b, _ in pairs])
+        _write(raw / f"{name}.label", [label for _, _, label in pairs])
+        stats[name] = {"pairs": len(pairs), "labels": {label: sum(1 for p in pairs if p[2] == label) for label in PAIR_LABELS}}
+    for side in ("input0", "input1"):
+        _fairseq_preprocess(["--only-source", "--srcdict", str(dictionary), "--trainpref", str(raw / f"train.{side}"),
+                             "--validpref", str(raw / f"valid.{side}"), "--testpref", str(raw / f"test.{side}"),
+                             "--destdir", str(out / "bin" / side)])
+    _fairseq_preprocess(["--only-source", "--trainpref", str(raw / "train.label"), "--validpref", str(raw / "valid.label"),
+                         "--testpref", str(raw / "test.label"), "--destdir", str(out / "bin" / "label")])
+    return stats
+
+
+PARTS = ("lm", "mt", "cls")
+PART_VERSIONS = {"lm": 1, "mt": 1, "cls": 1}
+
+
+def _legacy_recipe(tiny: bool) -> str:
+    """The marker of data directories written before the parts were versioned one by one (lm + mt)."""
+    return hashlib.sha256(json.dumps({"version": 1, "tiny": tiny}).encode()).hexdigest()[:16]
+
+
+def _part_recipe(part: str, tiny: bool) -> str:
+    return hashlib.sha256(json.dumps({"part": part, "version": PART_VERSIONS[part], "tiny": tiny}).encode()).hexdigest()[:16]
+
+
+def _completed_parts(info: dict, tiny: bool) -> Dict[str, str]:
+    if "parts" in info:
+        return dict(info["parts"])
+    if info.get("recipe") == _legacy_recipe(tiny):
+        return {"lm": _part_recipe("lm", tiny), "mt": _part_recipe("mt", tiny)}
+    return {}
 
 
 def prepare(output: str | Path, force: bool = False, tiny: bool = False) -> dict:
-    """Create ``output/{lm,mt}``; a complete, same-recipe output is reused as is."""
+    """Create ``output/{lm,mt,cls}``; parts complete with the same recipe are reused as they are.
+
+    Each missing part is built in a temporary directory and moved in whole, then the marker is
+    rewritten (temporary file, rename): an interrupted run leaves the previous parts usable.
+    """
     output = Path(output)
     marker = output / MARKER
-    if marker.exists():
-        info = json.loads(marker.read_text())
-        if info.get("recipe") == _recipe(tiny) and not force:
-            print(f"data: {output} is complete (recipe {info['recipe']}); reusing it")
-            _print_stats(info["stats"])
-            return info["stats"]
-    if output.exists() and any(output.iterdir()) and not force:
+    info = json.loads(marker.read_text()) if marker.exists() else {}
+    done = _completed_parts(info, tiny)
+    todo = [part for part in PARTS if force or done.get(part) != _part_recipe(part, tiny)]
+    stats = dict(info.get("stats", {}))
+    if not todo:
+        print(f"data: {output} is complete ({', '.join(PARTS)}); reusing it")
+        _print_stats(stats)
+        return stats
+    if output.exists() and any(output.iterdir()) and not info and not force:
         raise DataError(f"{output} exists but is not a complete data directory of this recipe: remove it or pass --force")
     ensure_debian_packages()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".", suffix=".partial", dir=output.parent))
     try:
-        kjv, rv = read_kjv(), read_rv1909()
-        if len(kjv) < 30000 or len(rv) < 30000:
+        kjv = read_kjv()
+        rv = read_rv1909() if "mt" in todo else {}
+        if len(kjv) < 30000 or ("mt" in todo and len(rv) < 30000):
             raise DataError(f"the Bible texts look incomplete (KJV {len(kjv)} verses, RV1909 {len(rv)}); reinstall {' '.join(DEBIAN_PACKAGES)}")
-        stats = {"lm": prepare_lm(kjv, tmp / "lm", tiny), "mt": prepare_mt(kjv, rv, tmp / "mt", tiny)}
-        (tmp / MARKER).write_text(json.dumps({"recipe": _recipe(tiny), "stats": stats}, indent=1))
-        if output.exists():
-            shutil.rmtree(output)
-        os.chmod(tmp, output_mode(directory=True))  # mkdtemp makes 0700; the output follows the umask
-        os.replace(tmp, output)
+        for part in todo:
+            if part == "lm":
+                stats["lm"] = prepare_lm(kjv, tmp / "lm", tiny)
+            elif part == "mt":
+                stats["mt"] = prepare_mt(kjv, rv, tmp / "mt", tiny)
+            else:
+                dictionary = (tmp if "lm" in todo else output) / "lm" / "bin" / "dict.txt"
+                stats["cls"] = prepare_cls(kjv, tmp / "cls", tiny, dictionary)
+        for part in todo:
+            if (output / part).exists():
+                shutil.rmtree(output / part)
+            os.chmod(tmp / part, output_mode(directory=True))  # mkdtemp's children are fine; keep the umask's mode
+            os.replace(tmp / part, output / part)
+            done[part] = _part_recipe(part, tiny)
+        (tmp / MARKER).write_text(json.dumps({"parts": done, "stats": stats}, indent=1))
+        os.chmod(tmp / MARKER, output_mode())
+        os.replace(tmp / MARKER, marker)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -218,6 +324,12 @@ def prepare(output: str | Path, force: bool = False, tiny: bool = False) -> dict
 
 
 def _print_stats(stats: dict) -> None:
-    lm, mt = stats["lm"], stats["mt"]
-    print("LM (KJV, word tokens): " + ", ".join(f"{s} {lm[s]['lines']} lines / {lm[s]['tokens']} tokens" for s in ("train", "valid", "test")) + f"; vocab {lm['vocab']}")
-    print("MT (KJV en -> RV1909 es, joint BPE): " + ", ".join(f"{s} {mt[s]['pairs']} pairs / {mt[s]['tokens_en']}+{mt[s]['tokens_es']} tokens" for s in ("train", "valid", "test")) + f"; vocab {mt['vocab']}; {mt['pairs_dropped_verse_mismatch']} unmatched verses dropped")
+    if "lm" in stats:
+        lm = stats["lm"]
+        print("LM (KJV, word tokens): " + ", ".join(f"{s} {lm[s]['lines']} lines / {lm[s]['tokens']} tokens" for s in ("train", "valid", "test")) + f"; vocab {lm['vocab']}")
+    if "mt" in stats:
+        mt = stats["mt"]
+        print("MT (KJV en -> RV1909 es, joint BPE): " + ", ".join(f"{s} {mt[s]['pairs']} pairs / {mt[s]['tokens_en']}+{mt[s]['tokens_es']} tokens" for s in ("train", "valid", "test")) + f"; vocab {mt['vocab']}; {mt['pairs_dropped_verse_mismatch']} unmatched verses dropped")
+    if "cls" in stats:
+        cls = stats["cls"]
+        print("CLS (KJV verse pairs: " + " / ".join(PAIR_LABELS) + "): " + ", ".join(f"{s} {cls[s]['pairs']} pairs" for s in ("train", "valid", "test")) + " (balanced, split by chapter)")

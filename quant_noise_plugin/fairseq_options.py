@@ -56,6 +56,13 @@ class QuantNoiseOptions(QuantNoiseExtraOptions):
     quant_noise_scalar: float = field(default=0.0, metadata={"help": HELP["scalar"]})
 
 
+def set_missing_noise_defaults(args) -> None:
+    """Architecture functions: the plugin's noise fields a config may lack (hydra, older checkpoints)."""
+    for f in fields(QuantNoiseExtraOptions):
+        if getattr(args, f.name, None) is None:
+            setattr(args, f.name, f.default)
+
+
 def add_missing_args(parser: argparse.ArgumentParser, dataclass_instance: FairseqDataclass) -> None:
     """Add the dataclass' options that ``parser`` does not know yet (architectures' extra flags)."""
     scratch = argparse.ArgumentParser(add_help=False)

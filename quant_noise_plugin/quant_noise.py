@@ -252,17 +252,19 @@ def noise_rates(model: nn.Module, cfg: QuantNoiseConfig) -> Dict[str, float]:
     return {name: cfg.pq_rate(id(modules[name].weight) in embeddings) for name in noise_targets(model, cfg)}
 
 
-def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig) -> List[str]:
+def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig, within: str = "") -> List[str]:
     """Attach Quant-Noise to ``model`` in place; returns the names of the noised modules.
 
+    ``within``: only the modules under this name (e.g. a classification head added after the model
+    was built); ``--quant-noise-exclude`` still matches names from the model's root.
     Raises a one-line ValueError naming the layer when the PQ block size does not divide a noised
     layer's input dimension, or a layer has fewer blocks than ``pq_centroids``.
     """
     cfg.validate()
-    remove_fairseq_builtin_noise_(model)
+    remove_fairseq_builtin_noise_(model.get_submodule(within) if within else model)
     if not cfg.enabled:
         return []
-    rates = noise_rates(model, cfg)
+    rates = {name: rate for name, rate in noise_rates(model, cfg).items() if not within or name == within or name.startswith(within + ".")}
     names = [name for name, rate in rates.items() if rate > 0 or cfg.scalar > 0]  # weight noise
     modules = dict(model.named_modules())
     for name in names:

@@ -173,12 +173,19 @@ def layer_kind(module: nn.Module) -> Optional[str]:
 
 
 def quantizable_weights(model: nn.Module) -> Dict[int, List[str]]:
-    """id(weight Parameter) -> names of the Linear/Embedding modules using it (tied ones together)."""
+    """id(weight Parameter) -> names of the modules using it: the Linear/Embedding ones first, then
+    any other module holding the same Parameter as its ``weight`` (a tied output head such as
+    RoBERTa's LM head, which reads ``self.weight`` too): tied users are quantized with it."""
     groups: Dict[int, List[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    modules = list(model.named_modules(remove_duplicate=False))
+    for name, module in modules:
         weight = module._parameters.get("weight") if layer_kind(module) else None
         if weight is not None and name not in groups.get(id(weight), []):
             groups.setdefault(id(weight), []).append(name)
+    for name, module in modules:
+        weight = module._parameters.get("weight") if layer_kind(module) is None else None
+        if weight is not None and id(weight) in groups and name not in groups[id(weight)]:
+            groups[id(weight)].append(name)
     return groups
 
 

@@ -71,9 +71,11 @@ MT_MODES: Dict[str, Mode] = {
     "qn_pq_0.1": LM_MODES["qn_pq_0.1"],
     "none_long": LM_MODES["none_long"],
 }
-COLUMNS = ["fp32", "int8", "int4", "ipq", "ipq+int8"]
-MT_COLUMNS = ["fp32", "int8", "ipq"]
-SCHEDULE_COLUMNS = ("ipq", "ipq_k1024")  # a column "<schedule column>[+int8]" is that schedule's iPQ model, packed
+COLUMNS = ["fp32", "int8", "int4", "w8a8", "ipq", "ipq+int8", "ipq+w8a8"]
+MT_COLUMNS = ["fp32", "int8", "w8a8", "ipq", "ipq+w8a8"]
+SCHEDULE_COLUMNS = ("ipq", "ipq_k1024")  # a column "<schedule column>[+int8|+w8a8]" is that schedule's iPQ model, packed
+DENSE_COLUMNS = ("fp32", "int8", "int4", "w8a8")
+CALIBRATION = ["--calibration-batches", "32", "--observer", "mse"]  # w8a8: int8 weights and calibrated int8 activations
 FINETUNE_LR_FACTOR = 0.5  # finetuning rows (and their controls) run at half the preset's peak learning rate
 
 
@@ -145,10 +147,17 @@ def modes_of(task: str) -> Dict[str, Mode]:
     return LM_MODES if task == "lm" else MT_MODES
 
 
-def split_column(column: str) -> Tuple[str, Optional[int]]:
-    """"ipq_k1024+int8" -> ("ipq_k1024", 8); "int4" -> ("int4", None)."""
+def split_column(column: str) -> Tuple[str, Optional[str]]:
+    """"ipq_k1024+int8" -> ("ipq_k1024", "int8"); "int4" -> ("int4", None)."""
     base, _, suffix = column.partition("+")
-    return base, (int(suffix[3:]) if suffix else None)
+    return base, suffix or None
+
+
+def valid_column(task: str, column: str) -> bool:
+    method, suffix = split_column(column)
+    if method in DENSE_COLUMNS:
+        return suffix is None
+    return method in SCHEDULE_COLUMNS and suffix in (None, "int8", "w8a8") and not (method == "ipq_k1024" and task == "mt")
 
 
 class Runner:
@@ -263,19 +272,24 @@ class Runner:
                         *arch, *self.common(updates, save)], "ipq.log")
         return save / "checkpoint_last.pt"
 
+    def pack_flags(self, task: str, kind: Optional[str]) -> List:
+        """`quant-noise pack` flags of a column's packing: "int8", "int4", "w8a8" (calibrated on the training data)."""
+        return {None: [], "int8": ["--scalar-bits", 8], "int4": ["--scalar-bits", 4],
+                "w8a8": ["--scalar-bits", 8, "--activation-bits", 8, "--calibrate", self.data / task / "bin", *CALIBRATION]}[kind]
+
     def compressed(self, task: str, mode: str, column: str) -> Path:
         dense = self.train(task, mode)
-        method, bits = split_column(column)
-        if method in ("fp32", "int8", "int4"):
-            base, bits = dense, {"int8": 8, "int4": 4}.get(method)
+        method, suffix = split_column(column)
+        if method in DENSE_COLUMNS:
+            base, kind = dense, (None if method == "fp32" else method)
         else:
-            base = self.ipq(task, dense, method)
+            base, kind = self.ipq(task, dense, method), suffix
         out = base.parent.parent / f"{base.parent.name}-{column.replace('+', '_')}.pt"  # an iPQ file is named by its run
         if not out.exists():
             if column == "fp32":  # dense, inference-only fp32 (what stock fairseq loads)
                 sh(["quant-noise", "unpack", base, out])
             else:
-                sh(["quant-noise", "pack", base, out, *(["--scalar-bits", bits] if bits else [])])
+                sh(["quant-noise", "pack", base, out, *self.pack_flags(task, kind)])
         return out
 
     # -- cells (cached by their configuration) --
@@ -284,9 +298,11 @@ class Runner:
         """The cell's cached result, else (when ``compute``) train/compress/evaluate what it needs."""
         p = self.preset
         parts = [asdict(p), self.mode_identity(task, mode)]
-        method, _ = split_column(column)
+        method, suffix = split_column(column)
         if method in SCHEDULE_COLUMNS:  # an edited or overridden schedule is another cell
             parts.append(hashlib.sha256(self.schedule(task, method).read_bytes()).hexdigest())
+        if "w8a8" in (method, suffix):
+            parts.append(CALIBRATION)
         cache = self.work / "cells" / f"{task}-{mode}-{column}-{key(*parts)}.json"
         if cache.exists():
             print(f"[cached] {task} {mode} {column} seed {p.seed}")
@@ -380,8 +396,11 @@ def render(results: List[dict], task: str, modes: List[str], columns: List[str],
         f"{'; with several seeds, their mean (then each seed)' if len(seeds) > 1 else ''}. "
         f"Every number is a real `fairseq-eval-lm`/`fairseq-generate` run on that checkpoint.\n\n" + "\n".join(lines) +
         f"\n\nTraining modes:\n{legend(runner, task, modes)}\n\nColumns: fp32 = dense inference checkpoint (`quant-noise unpack`); int8/int4 = every "
-        f"Linear/Embedding weight as int codes with per-row scales, rest fp16 (`quant-noise pack --scalar-bits`); iPQ columns = "
-        f"`--task ipq_*` with the schedule ({schedules}), packed; +int8 = the same, centroids and remaining layers int8.\n\n"
+        f"Linear/Embedding weight as int codes with per-row scales, rest fp16 (`quant-noise pack --scalar-bits`); w8a8 = int8 "
+        f"weights (symmetric) and int8 inputs of every Linear, calibrated on training batches (`--scalar-bits 8 --activation-bits 8 "
+        f"--calibrate DATA {' '.join(CALIBRATION)}`), computed on int8 kernels; iPQ columns = "
+        f"`--task ipq_*` with the schedule ({schedules}), packed; +int8 = the same, centroids and remaining layers int8; "
+        f"+w8a8 = the same with int8 activations.\n\n"
         f"Preset `{runner.args.preset}`: arch `{' '.join(getattr(p, task + '_arch'))}`, {getattr(p, task + '_updates')} training updates, "
         f"--max-tokens {p.max_tokens}, seeds {', '.join(map(str, seeds))}.\n\nCells computed by:\n{provenance(c for rs in cells.values() for c in rs)}\n\n"
         f"Command: `{runner.command}`\n"
@@ -523,8 +542,7 @@ def main(argv=None) -> None:
             if m not in modes_of(task):
                 parser.error(f"--{task}-modes: unknown mode {m!r} (known: {', '.join(modes_of(task))})")
         for c in getattr(args, f"{task}_columns"):
-            method, bits = split_column(c)
-            if method not in ("fp32", "int8", "int4", *SCHEDULE_COLUMNS) or bits not in (None, 8, 4) or (method == "ipq_k1024" and task == "mt"):
+            if not valid_column(task, c):
                 parser.error(f"--{task}-columns: unknown column {c!r}")
     if not args.render_only and not (Path(args.data) / ".complete.json").exists():
         sh(["quant-noise", "data", "--output", args.data])

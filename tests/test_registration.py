@@ -37,7 +37,8 @@ def test_data_is_deterministic_and_reused(tiny_data, tmp_path):
     fresh = tmp_path / "again"
     run(["quant-noise", "data", "--tiny", "--output", fresh])
     # (the sentencepiece model file itself records its training paths, so compare what it produced)
-    for rel in ("lm/bin/train.bin", "lm/bin/dict.txt", "mt/spm/train.es", "mt/bin/train.en-es.es.bin", "mt/bin/dict.en.txt", "mt/raw/test.es"):
+    for rel in ("lm/bin/train.bin", "lm/bin/dict.txt", "mt/spm/train.es", "mt/bin/train.en-es.es.bin", "mt/bin/dict.en.txt", "mt/raw/test.es",
+                "cls/raw/test.input1", "cls/bin/input0/train.bin", "cls/bin/label/valid.bin", "cls/bin/label/dict.txt"):
         assert (fresh / rel).read_bytes() == (tiny_data / rel).read_bytes(), rel
 
 

@@ -2,21 +2,27 @@
 import json
 import sys
 
+import torch
+
 from conftest import REPO, run
 
 
 def test_reproduce_smoke_grid(tiny_data, tmp_path):
     cmd = [sys.executable, REPO / "scripts/reproduce.py", "--preset", "smoke", "--data", tiny_data, "--work", tmp_path / "work",
-           "--results", tmp_path / "results", "--lm-modes", "qn_pq_0.1", "--lm-columns", "fp32", "ipq", "--mt-modes", "none", "--mt-columns", "int8"]
+           "--results", tmp_path / "results", "--lm-modes", "qn_pq_0.1", "--lm-columns", "fp32", "ipq", "ipq+w8a8", "--mt-modes", "none", "--mt-columns", "w8a8"]
     first = run(cmd).output
     assert "fairseq-train" in first and "ipq_language_modeling" in first
     cells = json.loads((tmp_path / "results/reproduce.json").read_text())
-    assert [(c["task"], c["mode"], c["column"]) for c in cells] == [("lm", "qn_pq_0.1", "fp32"), ("lm", "qn_pq_0.1", "ipq"), ("mt", "none", "int8")]
+    assert [(c["task"], c["mode"], c["column"]) for c in cells] == [
+        ("lm", "qn_pq_0.1", "fp32"), ("lm", "qn_pq_0.1", "ipq"), ("lm", "qn_pq_0.1", "ipq+w8a8"), ("mt", "none", "w8a8")]
     lm = {c["column"]: c for c in cells if c["task"] == "lm"}
-    assert all(c["ppl"] > 1 for c in lm.values())
+    assert all(c["ppl"] > 1 and c["valid_ppl"] > 1 for c in lm.values())
     assert lm["ipq"]["bytes"] < lm["fp32"]["bytes"]  # real files, really smaller
+    assert abs(lm["ipq+w8a8"]["ppl"] / lm["ipq"]["ppl"] - 1) < 0.05  # int8 activations on top of iPQ
+    w8a8 = torch.load(tmp_path / "work" / lm["ipq+w8a8"]["checkpoint"], weights_only=True)
+    assert w8a8["quant_noise"]["activation_bits"] == 8
     assert (tmp_path / "work" / lm["ipq"]["checkpoint"]).stat().st_size == lm["ipq"]["bytes"]
-    assert cells[2]["bleu"] >= 0
+    assert cells[3]["bleu"] >= 0 and "input_quant" in str(list(torch.load(tmp_path / "work" / cells[3]["checkpoint"], weights_only=True)["model"]))
     table = (tmp_path / "results/lm_kjv.md").read_text()
     assert f"{lm['ipq']['ppl']:.2f}" in table and "qn_pq_0.1" in table and "Command:" in table
     assert "BLEU" in (tmp_path / "results/mt_en_es.md").read_text()
@@ -24,7 +30,7 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
     second = run(cmd).output  # everything cached: no training, no evaluation
-    assert second.count("[cached]") == 3
+    assert second.count("[cached]") == 4
     assert not [line for line in second.splitlines() if line.startswith("$ ")]  # no command was run
     assert json.loads((tmp_path / "results/reproduce.json").read_text()) == cells
     assert all(c["device"] == "cpu" and c["command"].startswith("scripts/reproduce.py --preset smoke") for c in cells)
@@ -36,16 +42,16 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     only[only.index("--results") + 1] = str(rendered)
     only[only.index("--lm-modes") + 1:only.index("--lm-modes") + 2] = ["qn_pq_0.1", "none"]
     third = run(only + ["--render-only"]).output
-    assert third.count("[cached]") == 3 and "[missing] lm none fp32" in third
+    assert third.count("[cached]") == 4 and "[missing] lm none fp32" in third
     assert not [line for line in third.splitlines() if line.startswith("$ ")]
     rows = {line.split("|")[1].strip(): line for line in (rendered / "lm_kjv.md").read_text().splitlines() if line.startswith("| ")}
-    assert f"{lm['ipq']['ppl']:.2f}" in rows["qn_pq_0.1"] and rows["none"].count("–") == 2
+    assert f"{lm['ipq']['ppl']:.2f}" in rows["qn_pq_0.1"] and rows["none"].count("–") == 3
 
     # another schedule is another iPQ cell (and file); the fp32 cell and the dense training are reused
     schedule = tmp_path / "other.yaml"
     schedule.write_text("defaults:\n  Linear: {block_size: 4, n_centroids: 4}\n  Embedding: {block_size: 4, n_centroids: 4}\n"
                         "stages:\n  - {name: ffn, layers: 'decoder\\.layers\\.\\d+\\.fc[12]', updates: 2}\n")
-    other = [str(c) for c in cmd[:cmd.index("--mt-modes") + 1]] + ["--lm-schedule", str(schedule)]
+    other = [str(c) for c in cmd[:cmd.index("--lm-columns") + 1]] + ["fp32", "ipq", "--mt-modes", "--lm-schedule", str(schedule)]
     fourth = run(other).output
     assert "[cached] lm qn_pq_0.1 fp32" in fourth and "[cached] lm qn_pq_0.1 ipq" not in fourth
     assert "--task language_modeling" not in fourth  # no dense retraining

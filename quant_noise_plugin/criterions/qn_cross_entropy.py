@@ -1,4 +1,5 @@
-"""Criterions that give Quant-Noise to any architecture: ``--criterion qn_cross_entropy``.
+"""Criterions that give Quant-Noise to any architecture: ``--criterion qn_cross_entropy`` (and
+``qn_label_smoothed_cross_entropy``, ``qn_masked_lm``, ``qn_sentence_prediction``).
 
 The loss is fairseq's; the only addition is attaching the noise to the model on the first
 training forward (criterions are built after the model and never see it before).
@@ -13,6 +14,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
+from fairseq.criterions.masked_lm import MaskedLmConfig, MaskedLmLoss
+from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
 
 from ..fairseq_options import CRITERION_PREFIX, CriterionNoiseOptions, add_criterion_noise_args
 from ..quant_noise import QuantNoiseConfig, apply_quant_noise_
@@ -65,3 +68,23 @@ class QNLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig
 @register_criterion("qn_label_smoothed_cross_entropy", dataclass=QNLabelSmoothedCrossEntropyConfig)
 class QNLabelSmoothedCrossEntropyCriterion(QuantNoiseCriterionMixin, LabelSmoothedCrossEntropyCriterion):
     loss_config = LabelSmoothedCrossEntropyCriterionConfig
+
+
+@dataclass
+class QNMaskedLmConfig(MaskedLmConfig, CriterionNoiseOptions):
+    pass
+
+
+@register_criterion("qn_masked_lm", dataclass=QNMaskedLmConfig)
+class QNMaskedLmLoss(QuantNoiseCriterionMixin, MaskedLmLoss):
+    loss_config = MaskedLmConfig
+
+
+@dataclass
+class QNSentencePredictionConfig(SentencePredictionConfig, CriterionNoiseOptions):
+    pass
+
+
+@register_criterion("qn_sentence_prediction", dataclass=QNSentencePredictionConfig)
+class QNSentencePredictionCriterion(QuantNoiseCriterionMixin, SentencePredictionCriterion):
+    loss_config = SentencePredictionConfig

@@ -1,1 +1,1 @@
-from . import qn_transformer_lm, qn_transformer  # noqa: F401  (registration)
+from . import qn_roberta, qn_transformer, qn_transformer_lm  # noqa: F401  (registration)

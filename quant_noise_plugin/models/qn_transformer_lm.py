@@ -22,7 +22,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..errors import QuantNoiseError
-from ..fairseq_options import QuantNoiseExtraOptions, disable_fairseq_builtin_noise, noise_config_of
+from ..fairseq_options import QuantNoiseExtraOptions, disable_fairseq_builtin_noise, noise_config_of, set_missing_noise_defaults
 from ..quant_noise import apply_quant_noise_
 from .compressed_loading import CompressedLoadingMixin
 from .eval_guard import EvalLengthGuardMixin
@@ -71,12 +71,6 @@ def check_projection_dims(model, state_dict) -> None:
         raise QuantNoiseError(f"the checkpoint's decoder {flag} projection does not match this model's: {fix}")
 
 
-def _extra_defaults(args):
-    for f in dataclasses.fields(QuantNoiseExtraOptions):
-        if getattr(args, f.name, None) is None:
-            setattr(args, f.name, f.default)
-
-
 def _set_missing(args, name, value):
     if getattr(args, name, None) is None:
         setattr(args, name, value)
@@ -101,20 +95,20 @@ def qn_base_lm_architecture(args):
         if default is dataclasses.MISSING or (isinstance(default, str) and default.startswith("${")):
             continue
         setattr(args, f.name, default)
-    _extra_defaults(args)
+    set_missing_noise_defaults(args)
 
 
 @register_model_architecture("qn_transformer_lm", "qn_transformer_lm_wiki103")
 def qn_transformer_lm_wiki103(args):
     """The paper's 16-layer WikiText-103 LM (Baevski & Auli adaptive inputs)."""
     transformer_lm_baevski_wiki103(args)
-    _extra_defaults(args)
+    set_missing_noise_defaults(args)
 
 
 @register_model_architecture("qn_transformer_lm", "qn_transformer_lm_gpt2_tiny")
 def qn_transformer_lm_gpt2_tiny(args):
     transformer_lm_gpt2_tiny(args)
-    _extra_defaults(args)
+    set_missing_noise_defaults(args)
 
 
 @register_model_architecture("qn_transformer_lm", "qn_transformer_lm_small")
@@ -126,4 +120,4 @@ def qn_transformer_lm_small(args):
     args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
     args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
     base_lm_architecture(args)
-    _extra_defaults(args)
+    set_missing_noise_defaults(args)

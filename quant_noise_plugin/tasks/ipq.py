@@ -1,4 +1,4 @@
-"""iPQ tasks: ``--task ipq_language_modeling`` / ``--task ipq_translation``.
+"""iPQ tasks: ``--task ipq_language_modeling`` / ``ipq_translation`` / ``ipq_masked_lm`` / ``ipq_sentence_prediction``.
 
 fairseq's own tasks plus a schedule: at the first update of each stage the stage's layers are
 k-means'd into PQ codebooks, then the centroids and every parameter still in float are finetuned
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
+from fairseq.tasks.sentence_prediction import SentencePredictionConfig, SentencePredictionTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
@@ -194,7 +196,7 @@ class IPQTaskMixin:
         finally:
             handle.remove()
         with torch.no_grad():
-            teacher_out = self.teacher(**sample["net_input"])
+            teacher_out = self._teacher_output(sample)
         distill = self._distill_loss(inner, captured["out"], teacher_out, sample)
         loss = loss + self.ipq_cfg.ipq_distill_weight * distill
         logging_output["distill"] = distill.item()
@@ -203,13 +205,21 @@ class IPQTaskMixin:
         optimizer.backward(loss)
         return loss, sample_size, logging_output
 
+    def _teacher_output(self, sample):
+        """The teacher's output for what the criterion asks of the student (overridden per task)."""
+        return self.teacher(**sample["net_input"])
+
+    def _distill_mask(self, sample):
+        """Which outputs count in the distillation term: real target tokens (None: all of them)."""
+        return sample["target"].ne(self.target_dictionary.pad()).unsqueeze(-1)
+
     def _distill_loss(self, model, student_out, teacher_out, sample):
-        """Token-summed KL(teacher || student), masked to real target tokens."""
+        """Summed KL(teacher || student) over the outputs that count."""
         student = model.get_normalized_probs(student_out, log_probs=True)
         teacher = self.teacher.get_normalized_probs(teacher_out, log_probs=True)
-        mask = sample["target"].ne(self.target_dictionary.pad()).unsqueeze(-1)
         kl = F.kl_div(student, teacher, log_target=True, reduction="none")
-        return (kl * mask).sum()
+        mask = self._distill_mask(sample)
+        return (kl if mask is None else kl * mask).sum()
 
 
 @dataclass
@@ -234,3 +244,43 @@ class IPQTranslationTask(IPQTaskMixin, TranslationTask):
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self._ipq_init(cfg)
+
+
+@dataclass
+class IPQMaskedLMConfig(MaskedLMConfig, IPQOptions):
+    pass
+
+
+@register_task("ipq_masked_lm", dataclass=IPQMaskedLMConfig)
+class IPQMaskedLMTask(IPQTaskMixin, MaskedLMTask):
+    """iPQ of a RoBERTa-style encoder on its masked-LM objective."""
+
+    def __init__(self, cfg, dictionary=None):
+        super().__init__(cfg, dictionary)
+        self._ipq_init(cfg)
+
+    def _teacher_output(self, sample):  # the criterion projects the masked positions only
+        return self.teacher(**sample["net_input"], masked_tokens=sample["target"].ne(self.source_dictionary.pad()))
+
+    def _distill_mask(self, sample):
+        return None
+
+
+@dataclass
+class IPQSentencePredictionConfig(SentencePredictionConfig, IPQOptions):
+    pass
+
+
+@register_task("ipq_sentence_prediction", dataclass=IPQSentencePredictionConfig)
+class IPQSentencePredictionTask(IPQTaskMixin, SentencePredictionTask):
+    """iPQ of a sentence(-pair) classifier, classification head included."""
+
+    def __init__(self, cfg, data_dictionary, label_dictionary):
+        super().__init__(cfg, data_dictionary, label_dictionary)
+        self._ipq_init(cfg)
+
+    def _teacher_output(self, sample):
+        return self.teacher(**sample["net_input"], features_only=True, classification_head_name=self.cfg.classification_head_name)
+
+    def _distill_mask(self, sample):
+        return None
