@@ -71,7 +71,13 @@ MT_MODES: Dict[str, Mode] = {
     "qn_pq_0.1": LM_MODES["qn_pq_0.1"],
     "none_long": LM_MODES["none_long"],
 }
+CLS_MODES: Dict[str, Mode] = {  # the encoder is pretrained once without noise (masked LM); the rows differ in finetuning
+    "none": LM_MODES["none"],
+    "qat_int4": LM_MODES["qat_int4"],
+    "qn_pq_0.1": LM_MODES["qn_pq_0.1"],
+}
 COLUMNS = ["fp32", "int8", "int4", "w8a8", "ipq", "ipq+int8", "ipq+w8a8"]
+CLS_COLUMNS = ["fp32", "int8", "ipq", "ipq+int8"]
 MT_COLUMNS = ["fp32", "int8", "w8a8", "ipq", "ipq+w8a8"]
 SCHEDULE_COLUMNS = ("ipq", "ipq_k1024")  # a column "<schedule column>[+int8|+w8a8]" is that schedule's iPQ model, packed
 DENSE_COLUMNS = ("fp32", "int8", "int4", "w8a8")
@@ -88,6 +94,11 @@ class Preset:
     lm_schedule: str
     mt_schedule: str
     lm_schedule_k1024: str = ""  # the embeddings-first schedule with 1024 embedding centroids (column ipq_k1024)
+    cls_arch: List[str] = field(default_factory=lambda: ["--arch", "qn_roberta_small"])
+    cls_pretrain_updates: int = 0  # masked-LM pretraining of the encoder on the LM data
+    cls_updates: int = 0  # sentence-pair classification finetuning
+    cls_schedule: str = ""
+    cls_max_positions: int = 128
     max_tokens: int = 2048
     tokens_per_sample: int = 128
     seed: int = 1
@@ -101,6 +112,7 @@ PRESETS = {
         lm_updates=2000, mt_updates=2000,
         lm_schedule="configs/ipq/qn_transformer_lm.yaml", mt_schedule="configs/ipq/qn_transformer.yaml",
         lm_schedule_k1024="configs/ipq/qn_transformer_lm_embfirst_k1024.yaml",
+        cls_pretrain_updates=4000, cls_updates=2000, cls_schedule="configs/ipq/qn_roberta_cls.yaml",
     ),
     "quick": Preset(  # the demo's budget: what one session on 2 CPU cores can run (~1.5 h for the default grid)
         lm_arch=["--arch", "qn_transformer_lm_small"],
@@ -108,6 +120,7 @@ PRESETS = {
         lm_updates=600, mt_updates=400,
         lm_schedule="configs/ipq/qn_transformer_lm_demo.yaml", mt_schedule="configs/ipq/qn_transformer_demo.yaml",
         lm_schedule_k1024="configs/ipq/qn_transformer_lm_demo_embfirst_k1024.yaml",
+        cls_pretrain_updates=1000, cls_updates=600, cls_schedule="configs/ipq/qn_roberta_cls_demo.yaml",
     ),
     "smoke": Preset(  # tests: a tiny model, a handful of updates
         lm_arch=["--arch", "qn_transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
@@ -116,6 +129,8 @@ PRESETS = {
                  "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
                  "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-all-embeddings"],
         lm_updates=3, mt_updates=3, lm_schedule="SMOKE", mt_schedule="SMOKE", lm_schedule_k1024="SMOKE_K",
+        cls_arch=["--arch", "qn_roberta_tiny", "--encoder-layers", "1", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64"],
+        cls_pretrain_updates=3, cls_updates=3, cls_schedule="SMOKE_CLS", cls_max_positions=64,
         max_tokens=512, tokens_per_sample=64,
     ),
 }
@@ -136,6 +151,13 @@ stages:
   - {name: embeddings, layers: 'decoder\\.embed_tokens', updates: 1}
   - {name: rest, layers: 'decoder\\.layers\\.\\d+\\.(fc[12]|self_attn\\.(q|k|v|out)_proj)', updates: 1}
 """,
+    "SMOKE_CLS": """defaults:
+  Linear: {block_size: 4, n_centroids: 8}
+  Embedding: {block_size: 4, n_centroids: 8}
+kmeans_iterations: 3
+stages:
+  - {name: all, layers: 'encoder\\.(sentence_encoder\\.(embed_tokens|layers\\.\\d+\\.(fc[12]|self_attn\\.(q|k|v|out)_proj))|lm_head\\.dense)', updates: 2}
+""",
 }
 
 
@@ -144,7 +166,18 @@ def key(*parts) -> str:
 
 
 def modes_of(task: str) -> Dict[str, Mode]:
-    return LM_MODES if task == "lm" else MT_MODES
+    return {"lm": LM_MODES, "mt": MT_MODES, "cls": CLS_MODES}[task]
+
+
+CLS_TASK = ["--num-classes", 3, "--init-token", 0, "--separator-token", 2, "--shorten-method", "truncate"]
+TASK_FLAGS = {  # fairseq-train flags of each task's training and iPQ runs (lr and schedule aside)
+    "lm": (["--task", "language_modeling", "--criterion", "cross_entropy"], ["--task", "ipq_language_modeling", "--criterion", "cross_entropy"]),
+    "mt": (["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", 0.1],
+           ["--task", "ipq_translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", 0.1]),
+    "cls": (["--task", "sentence_prediction", "--criterion", "sentence_prediction", *CLS_TASK],
+            ["--task", "ipq_sentence_prediction", "--criterion", "sentence_prediction", *CLS_TASK]),
+}
+PEAK_LR = {"lm": 0.001, "mt": 0.0007, "cls": 0.0002}
 
 
 def split_column(column: str) -> Tuple[str, Optional[str]]:
@@ -157,7 +190,7 @@ def valid_column(task: str, column: str) -> bool:
     method, suffix = split_column(column)
     if method in DENSE_COLUMNS:
         return suffix is None
-    return method in SCHEDULE_COLUMNS and suffix in (None, "int8", "w8a8") and not (method == "ipq_k1024" and task == "mt")
+    return method in SCHEDULE_COLUMNS and suffix in (None, "int8", "w8a8") and not (method == "ipq_k1024" and task != "lm")
 
 
 class Runner:
@@ -232,42 +265,55 @@ class Runner:
 
     # -- training (cached: fairseq resumes from checkpoint_last.pt and stops at --max-update) --
 
+    def arch(self, task: str) -> List:
+        return getattr(self.preset, f"{task}_arch")
+
+    def length_flags(self, task: str) -> List:
+        """Sequence length flags shared by a task's training, iPQ and evaluation runs."""
+        p = self.preset
+        return {"lm": ["--tokens-per-sample", p.tokens_per_sample], "mt": [], "cls": ["--max-positions", p.cls_max_positions]}[task]
+
+    def pretrained_encoder(self) -> Path:
+        """The classifier rows' common start: the encoder pretrained as a masked LM on the LM data, without noise."""
+        p = self.preset
+        updates = p.cls_pretrain_updates
+        save = self.work / f"cls-pretrain-{key(p.cls_arch, updates, p.seed, p.max_tokens, p.cls_max_positions)}"
+        run_once(save, ["fairseq-train", self.data / "lm" / "bin", "--task", "masked_lm", "--criterion", "masked_lm", *p.cls_arch,
+                        "--tokens-per-sample", p.cls_max_positions, "--lr", 0.0005, "--lr-scheduler", "inverse_sqrt",
+                        "--warmup-updates", min(400, max(1, updates // 5)), *self.common(updates, save)], "train.log")
+        return save / "checkpoint_last.pt"
+
     def train(self, task: str, mode: str) -> Path:
         p = self.preset
-        lm = task == "lm"
-        arch = p.lm_arch if lm else p.mt_arch
+        arch = self.arch(task)
         spec = modes_of(task)[mode]
         updates = self.budget(task, mode)
         flags = self.mode_flags(task, mode)
-        lr = 0.001 if lm else 0.0007
-        warmup = min(400, max(1, updates // 5))
+        lr, warmup = PEAK_LR[task], min(400, max(1, updates // 5))
         finetune = []
         if spec.base:
             base = self.train(task, spec.base)
             finetune = ["--finetune-from-model", base]
             lr, warmup = lr * FINETUNE_LR_FACTOR, max(1, updates // 10)
             save = self.work / f"{task}-finetune-{key(arch, flags, updates, p.seed, p.max_tokens, str(base.parent.name))}"
+        elif task == "cls":
+            base = self.pretrained_encoder()
+            finetune = ["--finetune-from-model", base]
+            save = self.work / f"{task}-train-{key(arch, flags, updates, p.seed, p.max_tokens, str(base.parent.name))}"
         else:
             save = self.work / f"{task}-train-{key(arch, flags, updates, p.seed, p.max_tokens)}"
-        task_flags = (["--task", "language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy"]
-                      if lm else
-                      ["--task", "translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"])
-        task_flags += ["--lr", lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup]
+        task_flags = [*TASK_FLAGS[task][0], *self.length_flags(task), "--lr", lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup]
         run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, *arch, *flags, *finetune, *self.common(updates, save)], "train.log")
         return save / "checkpoint_last.pt"
 
     def ipq(self, task: str, dense: Path, column: str) -> Path:
-        p = self.preset
-        lm = task == "lm"
         schedule = self.schedule(task, column)
         from quant_noise_plugin.schedule import load_schedule
 
         updates = load_schedule(schedule).total_updates
-        arch = p.lm_arch if lm else p.mt_arch
+        arch = self.arch(task)
         save = dense.parent.parent / f"{dense.parent.name}-ipq-{key(schedule.read_text(), arch)}"
-        task_flags = (["--task", "ipq_language_modeling", "--tokens-per-sample", p.tokens_per_sample, "--criterion", "cross_entropy", "--lr", "0.0002"]
-                      if lm else
-                      ["--task", "ipq_translation", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--lr", "0.0002"])
+        task_flags = [*TASK_FLAGS[task][1], *self.length_flags(task), "--lr", 0.0002 if task != "cls" else 0.0001]
         run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, "--ipq-config", schedule, "--finetune-from-model", dense,
                         *arch, *self.common(updates, save)], "ipq.log")
         return save / "checkpoint_last.pt"
@@ -297,7 +343,8 @@ class Runner:
     def cell(self, task: str, mode: str, column: str, compute: bool = True) -> Optional[dict]:
         """The cell's cached result, else (when ``compute``) train/compress/evaluate what it needs."""
         p = self.preset
-        parts = [asdict(p), self.mode_identity(task, mode)]
+        preset = {k: v for k, v in asdict(p).items() if task == "cls" or not k.startswith("cls_")}  # a task's cells, by what it uses
+        parts = [preset, self.mode_identity(task, mode)]
         method, suffix = split_column(column)
         if method in SCHEDULE_COLUMNS:  # an edited or overridden schedule is another cell
             parts.append(hashlib.sha256(self.schedule(task, method).read_bytes()).hexdigest())
@@ -316,8 +363,9 @@ class Runner:
                   "device": self.device_name(), "command": self.command}
         if method in SCHEDULE_COLUMNS:
             result["ipq_updates"] = self.ipq_updates(task) if method == "ipq" else _schedule_updates(self.schedule(task, method))
-        for subset, name in (("test", "ppl"), ("valid", "valid_ppl")) if task == "lm" else (("test", "bleu"), ("valid", "valid_bleu")):
-            result[name] = self.eval_lm(path, subset) if task == "lm" else self.bleu(path, subset)
+        evaluate = {"lm": self.eval_lm, "mt": self.bleu, "cls": self.accuracy}[task]
+        for subset in ("test", "valid"):
+            result[metric_of(task, subset)] = evaluate(path, subset)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(result))
         return result
@@ -327,6 +375,13 @@ class Runner:
         out = sh(["fairseq-eval-lm", self.data / "lm/bin", "--user-dir", PLUGIN, "--path", path, "--gen-subset", subset, *device_flags(),
                   "--tokens-per-sample", p.tokens_per_sample, "--max-tokens", 4096, "--context-window", p.tokens_per_sample // 2])
         return float(out.rsplit("Perplexity:", 1)[1].split()[0])
+
+    def accuracy(self, path: Path, subset: str) -> float:
+        """fairseq-validate's accuracy (the sentence_prediction criterion logs it) on the compressed checkpoint."""
+        out = sh(["fairseq-validate", self.data / "cls" / "bin", "--user-dir", PLUGIN, "--path", path, "--valid-subset", subset,
+                  *TASK_FLAGS["cls"][0], *self.length_flags("cls"), "--max-tokens", 8192, *device_flags()])
+        line = [line for line in out.splitlines() if f"valid on '{subset}' subset" in line][-1]
+        return float(line.split("| accuracy ")[1].split(" |")[0])
 
     def bleu(self, path: Path, subset: str) -> float:
         import sacrebleu
@@ -353,8 +408,15 @@ def _schedule_updates(path: Path) -> int:
 # -- rendering --------------------------------------------------------------------------------
 
 
+METRICS = {"lm": "ppl", "mt": "bleu", "cls": "acc"}
+TITLES = {"lm": "Perplexity on the KJV test split (lower is better)",
+          "mt": "BLEU (sacrebleu, detokenized) on the KJV->RV1909 test split",
+          "cls": "Accuracy (%) on the KJV verse-pair test split (next verse / same chapter / another book)"}
+TABLE_FILES = {"lm": "lm_kjv.md", "mt": "mt_en_es.md", "cls": "cls_kjv_pairs.md"}
+
+
 def metric_of(task: str, subset: str = "test") -> str:
-    return ("ppl" if task == "lm" else "bleu") if subset == "test" else ("valid_ppl" if task == "lm" else "valid_bleu")
+    return METRICS[task] if subset == "test" else f"valid_{METRICS[task]}"
 
 
 def seeds_text(values: List[float]) -> str:
@@ -389,19 +451,21 @@ def render(results: List[dict], task: str, modes: List[str], columns: List[str],
             row.append(f" {seeds_text([r[metric] for r in rs])} ({rs[0]['bytes'] / 1e6:.2f} MB{ratio}) |")
         lines.append("".join(row))
     p = runner.preset
-    title = "Perplexity on the KJV test split (lower is better)" if task == "lm" else "BLEU (sacrebleu, detokenized) on the KJV->RV1909 test split"
+    title = TITLES[task]
     schedules = ", ".join(f"{c} = `{shown(runner.schedule(task, c))}`" for c in SCHEDULE_COLUMNS if any(split_column(x)[0] == c for x in columns))
+    baselines = cls_baselines(runner) if task == "cls" else ""
     return (
-        f"# {title}\n\nEach cell: {metric} (size on disk of the compressed checkpoint, compression ratio vs the fp32 one)"
+        f"# {title}\n\n{baselines}Each cell: {metric} (size on disk of the compressed checkpoint, compression ratio vs the fp32 one)"
         f"{'; with several seeds, their mean (then each seed)' if len(seeds) > 1 else ''}. "
-        f"Every number is a real `fairseq-eval-lm`/`fairseq-generate` run on that checkpoint.\n\n" + "\n".join(lines) +
+        f"Every number is a real `fairseq-eval-lm`/`fairseq-generate`/`fairseq-validate` run on that checkpoint.\n\n" + "\n".join(lines) +
         f"\n\nTraining modes:\n{legend(runner, task, modes)}\n\nColumns: fp32 = dense inference checkpoint (`quant-noise unpack`); int8/int4 = every "
         f"Linear/Embedding weight as int codes with per-row scales, rest fp16 (`quant-noise pack --scalar-bits`); w8a8 = int8 "
         f"weights (symmetric) and int8 inputs of every Linear, calibrated on training batches (`--scalar-bits 8 --activation-bits 8 "
         f"--calibrate DATA {' '.join(CALIBRATION)}`), computed on int8 kernels; iPQ columns = "
         f"`--task ipq_*` with the schedule ({schedules}), packed; +int8 = the same, centroids and remaining layers int8; "
         f"+w8a8 = the same with int8 activations.\n\n"
-        f"Preset `{runner.args.preset}`: arch `{' '.join(getattr(p, task + '_arch'))}`, {getattr(p, task + '_updates')} training updates, "
+        f"Preset `{runner.args.preset}`: arch `{' '.join(getattr(p, task + '_arch'))}`, {getattr(p, task + '_updates')} training updates"
+        f"{f' (after {p.cls_pretrain_updates} masked-LM pretraining updates on the KJV LM data, without noise, shared by the rows)' if task == 'cls' else ''}, "
         f"--max-tokens {p.max_tokens}, seeds {', '.join(map(str, seeds))}.\n\nCells computed by:\n{provenance(c for rs in cells.values() for c in rs)}\n\n"
         f"Command: `{runner.command}`\n"
     )
@@ -419,7 +483,7 @@ def legend(runner: Runner, task: str, modes: List[str]) -> str:
 def render_ablation(results: List[dict], task: str, modes: List[str], columns: List[str], runner: Runner, seeds: List[int]) -> str:
     """Every lever: valid (to choose) and test (to report) for each seed, and iPQ's cost against the dense control."""
     cells = group(results, task)
-    better = "lower" if task == "lm" else "higher"
+    better = "lower" if task == "lm" else "higher"  # perplexity; BLEU and accuracy
     control = "none_long" if "none_long" in modes else None
     out = []
     for subset in ("valid", "test"):
@@ -457,6 +521,38 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
     )
 
 
+def cls_baselines(runner: Runner) -> str:
+    """What the classifier's accuracy means: the majority class, and a bag-of-words logistic regression
+    (binary word features of each verse and of their overlap), on the same splits. Cached under --work."""
+    cache = runner.work / "cells" / f"cls-baselines-{key(sorted(p.name for p in (runner.data / 'cls' / 'raw').glob('*')))}.json"
+    if not cache.exists():
+        from sklearn.feature_extraction.text import CountVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from scipy.sparse import hstack
+
+        raw = runner.data / "cls" / "raw"
+        read = {split: [(raw / f"{split}.{side}").read_text(encoding="utf-8").splitlines() for side in ("input0", "input1", "label")]
+                for split in ("train", "valid", "test")}
+        vectorizer = CountVectorizer(binary=True, token_pattern=r"\S+", lowercase=True).fit(read["train"][0] + read["train"][1])
+
+        def features(split):
+            a, b = vectorizer.transform(read[split][0]), vectorizer.transform(read[split][1])
+            return hstack([a, b, a.multiply(b)]).tocsr()
+
+        model = LogisticRegression(max_iter=2000, C=1.0).fit(features("train"), read["train"][2])
+        result = {}
+        for split in ("valid", "test"):
+            labels = read[split][2]
+            majority = max(set(read["train"][2]), key=read["train"][2].count)
+            result[split] = {"majority": 100 * labels.count(majority) / len(labels), "bow": 100 * model.score(features(split), labels)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(result))
+    result = json.loads(cache.read_text())
+    return (f"Baselines on the same test split: majority class {result['test']['majority']:.1f}%, bag-of-words logistic regression "
+            f"{result['test']['bow']:.1f}% (valid: {result['valid']['majority']:.1f}%, {result['valid']['bow']:.1f}%; binary word "
+            f"features of each verse and of their overlap, trained on the training pairs).\n\n")
+
+
 def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
@@ -476,7 +572,7 @@ def plot(results: List[dict], out: Path) -> None:
     import matplotlib.ticker
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in ("lm", "mt") if any(r["task"] == t for r in results)]
+    tasks = [t for t in ("lm", "mt", "cls") if any(r["task"] == t for r in results)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         metric = metric_of(task)
@@ -487,8 +583,8 @@ def plot(results: List[dict], out: Path) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: they overlap otherwise
         ax.set_xlabel("size on disk (MB, log scale)")
-        ax.set_ylabel("test perplexity" if task == "lm" else "BLEU")
-        ax.set_title("KJV language model" if task == "lm" else "KJV -> RV1909 translation")
+        ax.set_ylabel({"lm": "test perplexity", "mt": "BLEU", "cls": "test accuracy (%)"}[task])
+        ax.set_title({"lm": "KJV language model", "mt": "KJV -> RV1909 translation", "cls": "KJV verse-pair classifier"}[task])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -509,9 +605,12 @@ def main(argv=None) -> None:
     parser.add_argument("--lm-columns", nargs="*")
     parser.add_argument("--mt-modes", nargs="*")
     parser.add_argument("--mt-columns", nargs="*")
+    parser.add_argument("--cls-modes", nargs="*")
+    parser.add_argument("--cls-columns", nargs="*")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=os.environ.get("QN_DEVICE", "cpu"), help="where fairseq runs")
     parser.add_argument("--lm-schedule", help="iPQ schedule YAML of the LM's ipq column (default: the preset's)")
     parser.add_argument("--mt-schedule", help="iPQ schedule YAML of the MT's ipq column (default: the preset's)")
+    parser.add_argument("--cls-schedule", help="iPQ schedule YAML of the classifier's ipq column (default: the preset's)")
     parser.add_argument("--render-only", action="store_true",
                         help="compute nothing: tables and plot from the cells cached under --work (e.g. cells copied from another machine)")
     args = parser.parse_args(argv)
@@ -521,6 +620,8 @@ def main(argv=None) -> None:
         "lm_columns": COLUMNS if not ablation else ["fp32", *SCHEDULE_COLUMNS],
         "mt_modes": ["none", "qn_pq_0.1"] if not ablation else list(MT_MODES),
         "mt_columns": MT_COLUMNS if not ablation else ["fp32", "ipq"],
+        "cls_modes": list(CLS_MODES) if not ablation else [],
+        "cls_columns": CLS_COLUMNS,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -528,7 +629,7 @@ def main(argv=None) -> None:
     os.environ["QN_DEVICE"] = args.device
     from quant_noise_plugin.schedule import ScheduleError, load_schedule
 
-    for flag in ("lm_schedule", "mt_schedule"):
+    for flag in ("lm_schedule", "mt_schedule", "cls_schedule"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             parser.error(f"--{flag.replace('_', '-')}: no such file {path}")
@@ -537,7 +638,7 @@ def main(argv=None) -> None:
                 load_schedule(path)  # a bad schedule fails here, in one line, not hours into the grid
         except ScheduleError as error:
             parser.error(f"--{flag.replace('_', '-')}: {error}")
-    for task in ("lm", "mt"):
+    for task in ("lm", "mt", "cls"):
         for m in getattr(args, f"{task}_modes"):
             if m not in modes_of(task):
                 parser.error(f"--{task}-modes: unknown mode {m!r} (known: {', '.join(modes_of(task))})")
@@ -550,7 +651,7 @@ def main(argv=None) -> None:
     runners = {seed: Runner(args, seed) for seed in seeds}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    grid = [("lm", m, c) for m in args.lm_modes for c in args.lm_columns] + [("mt", m, c) for m in args.mt_modes for c in args.mt_columns]
+    grid = [(task, m, c) for task in ("lm", "mt", "cls") for m in getattr(args, f"{task}_modes") for c in getattr(args, f"{task}_columns")]
     results = []
     for seed in seeds:  # every cell of the first seed, then of the next: partial tables are complete rows early
         for task, mode, column in grid:
@@ -558,7 +659,7 @@ def main(argv=None) -> None:
             if result is not None:
                 results.append(result)
                 write_outputs(results, args, runners[seeds[0]], out, seeds)
-    names = ("ablation_noise.md",) if ablation else ("lm_kjv.md", "mt_en_es.md")
+    names = ("ablation_noise.md",) if ablation else tuple(TABLE_FILES.values())
     for name in names:
         if (out / name).exists():
             print((out / name).read_text())
@@ -567,14 +668,14 @@ def main(argv=None) -> None:
 def write_outputs(results: List[dict], args, runner: Runner, out: Path, seeds: List[int]) -> None:
     if args.table == "ablation":
         parts = [render_ablation(results, task, getattr(args, f"{task}_modes"), getattr(args, f"{task}_columns"), runner, seeds)
-                 for task in ("lm", "mt") if any(r["task"] == task for r in results)]
+                 for task in ("lm", "mt", "cls") if any(r["task"] == task for r in results)]
         (out / "ablation_noise.md").write_text("# Where and when to put Quant-Noise: the ablation\n\n" + "\n\n".join(parts))
         (out / "ablation_noise.json").write_text(json.dumps(results, indent=1))
         return
-    if any(r["task"] == "lm" for r in results):
-        (out / "lm_kjv.md").write_text(render(results, "lm", args.lm_modes, args.lm_columns, runner, seeds))
-    if any(r["task"] == "mt" for r in results):
-        (out / "mt_en_es.md").write_text(render(results, "mt", args.mt_modes, args.mt_columns, runner, seeds))
+    for task in ("lm", "mt", "cls"):
+        if any(r["task"] == task for r in results):
+            table = render(results, task, getattr(args, f"{task}_modes"), getattr(args, f"{task}_columns"), runner, seeds)
+            (out / TABLE_FILES[task]).write_text(table)
     (out / "reproduce.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "size_vs_quality.png")
 

@@ -67,3 +67,17 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     schedule.write_text("stages:\n  - {name: ffn, layers: 'decoder\\.layers\\.\\d+\\.fc[12]', updates: 2, colour: red}\n")
     bad = run(other, check=False)
     assert bad.returncode == 2 and "--lm-schedule" in bad.output and "colour" in bad.output and "Traceback" not in bad.output
+
+
+def test_reproduce_smoke_classifier(tiny_data, tmp_path):
+    cmd = [sys.executable, REPO / "scripts/reproduce.py", "--preset", "smoke", "--data", tiny_data, "--work", tmp_path / "work",
+           "--results", tmp_path / "results", "--lm-modes", "--mt-modes", "--cls-modes", "none", "--cls-columns", "fp32", "ipq"]
+    out = run(cmd).output
+    assert "--task masked_lm" in out and "--task sentence_prediction" in out and "--task ipq_sentence_prediction" in out
+    cells = json.loads((tmp_path / "results/reproduce.json").read_text())
+    assert [(c["task"], c["column"]) for c in cells] == [("cls", "fp32"), ("cls", "ipq")]
+    assert all(0 < c["acc"] < 100 and 0 < c["valid_acc"] < 100 for c in cells)
+    assert cells[1]["bytes"] < cells[0]["bytes"]
+    table = (tmp_path / "results/cls_kjv_pairs.md").read_text()
+    assert "Baselines on the same test split: majority class 33.3%" in table and f"{cells[1]['acc']:.2f}" in table
+    assert "masked-LM pretraining updates" in table
