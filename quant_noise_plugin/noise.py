@@ -1,11 +1,18 @@
 """Quant-Noise operators: plain torch, no fairseq.
 
-Both operators return a *new* tensor computed from ``weight`` (never written in place), so the
+Every operator returns a *new* tensor computed from ``weight`` (never written in place), so the
 stored parameter only changes in an optimizer step and gradients flow back to it.
+
+PQ and scalar noise also come fused: the random draw is the same call (same generator state, same
+mask), and what follows it (mask, rescale, fake-quantize, select) is one ``torch.compile``d region
+instead of several elementwise kernels. On a GPU those kernels are not hidden behind the matmuls;
+on the CPU they are, and compiling costs seconds per weight shape, so the fused form is used on
+CUDA by default (``QUANT_NOISE_FUSED``: ``auto``, ``1`` everywhere, ``0`` never).
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -33,7 +40,29 @@ def block_mask(weight: Tensor, p: float, block_size: int, generator: Optional[to
     return torch.bernoulli(probs, generator=generator).bool()
 
 
-def pq_noise(weight: Tensor, p: float, block_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
+FUSED_SWITCH = "QUANT_NOISE_FUSED"
+_COMPILED: Dict[str, Callable] = {}
+
+
+def fused_for(device: torch.device) -> bool:
+    """Whether noise on ``device`` runs the fused (compiled) form; see the module docstring."""
+    mode = os.environ.get(FUSED_SWITCH, "auto")
+    return mode == "1" or (mode == "auto" and device.type == "cuda")
+
+
+def _fused(fn: Callable) -> Callable:
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn.__name__]
+
+
+def _apply_block_mask(weight: Tensor, drop: Tensor, p: float) -> Tensor:
+    keep = (~drop).to(weight.dtype).unsqueeze(-1) / (1.0 - p)
+    return (weight.reshape(drop.shape[0], drop.shape[1], -1) * keep).reshape(weight.shape)
+
+
+def pq_noise(weight: Tensor, p: float, block_size: int, generator: Optional[torch.Generator] = None,
+             fused: Optional[bool] = None) -> Tensor:
     """Drop a random P fraction of weight blocks and rescale the rest by 1/(1-P).
 
     This is the PQ proxy of the paper: dropped blocks stand for blocks replaced by their centroid,
@@ -41,11 +70,9 @@ def pq_noise(weight: Tensor, p: float, block_size: int, generator: Optional[torc
     """
     if p <= 0:
         return weight
-    rows = weight.shape[0]
     drop = block_mask(weight, p, block_size, generator)
-    keep = (~drop).to(weight.dtype).unsqueeze(-1) / (1.0 - p)
-    blocks = weight.reshape(rows, -1, block_size)
-    return (blocks * keep).reshape(weight.shape)
+    apply = _fused(_apply_block_mask) if (fused_for(weight.device) if fused is None else fused) else _apply_block_mask
+    return apply(weight, drop, p)
 
 
 def centroid_noise(weight: Tensor, p: float, centroids: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -74,6 +101,7 @@ def scalar_noise(
     bits: int,
     per_channel: bool = False,
     generator: Optional[torch.Generator] = None,
+    fused: Optional[bool] = None,
 ) -> Tensor:
     """Replace a random P fraction of weights by their int-``bits`` fake-quantized value.
 
@@ -82,11 +110,20 @@ def scalar_noise(
     """
     if p <= 0:
         return weight
-    noised = fake_quantize(weight, bits, per_channel)
-    if p < 1:
-        selected = torch.rand(weight.shape, device=weight.device, generator=generator) < p
-        noised = torch.where(selected, noised, weight.detach())
+    draw = torch.rand(weight.shape, device=weight.device, generator=generator) if p < 1 else None
+    if fused_for(weight.device) if fused is None else fused:
+        noised = _fused(_fake_quantize_selected)(weight.detach(), draw, p, bits, per_channel)
+    else:
+        noised = fake_quantize(weight, bits, per_channel)
+        if draw is not None:
+            noised = torch.where(draw < p, noised, weight.detach())
     return _StraightThrough.apply(weight, noised)
+
+
+def _fake_quantize_selected(weight: Tensor, draw: Optional[Tensor], p: float, bits: int, per_channel: bool) -> Tensor:
+    """``fake_quantize`` where ``draw < p``, the weight elsewhere: the same arithmetic, as one region."""
+    noised = fake_quantize(weight, bits, per_channel)
+    return noised if draw is None else torch.where(draw < p, noised, weight)
 
 
 def activation_noise(x: Tensor, p: float, scale: float, zero_point: int, bits: int = 8,

@@ -209,3 +209,20 @@ def test_centroid_noise_refits_its_codebook_every_interval_and_shares_it_between
     assert fits == [(64 * 16 // 4, 4)] * 3
     with pytest.raises(ValueError, match="--quant-noise-pq-centroids=512: layer emb .* has only 256 blocks"):
         apply_quant_noise_(_tied_model(), QuantNoiseConfig(pq=0.1, pq_block_size=4, pq_centroids=512))
+
+
+def test_fused_noise_is_the_reference_noise_for_the_same_generator_state():
+    """The compiled (fused) forms draw the same random numbers and compute the same values and gradients."""
+    w = torch.randn(96, 64, requires_grad=True)
+    fused = pq_noise(w, 0.2, 8, torch.Generator().manual_seed(7), fused=True)
+    reference = pq_noise(w, 0.2, 8, torch.Generator().manual_seed(7), fused=False)
+    assert torch.equal(fused, reference)
+    (grad_fused,) = torch.autograd.grad(fused.sum(), w)
+    (grad_reference,) = torch.autograd.grad(reference.sum(), w)
+    assert torch.equal(grad_fused, grad_reference)  # dropped blocks get no gradient in both
+    for p, bits, per_channel in ((0.5, 4, False), (0.5, 8, True), (1.0, 4, True)):
+        fused = scalar_noise(w, p, bits, per_channel, torch.Generator().manual_seed(3), fused=True)
+        reference = scalar_noise(w, p, bits, per_channel, torch.Generator().manual_seed(3), fused=False)
+        assert torch.equal(fused, reference), (p, bits, per_channel)
+        (grad,) = torch.autograd.grad(fused.sum(), w)
+        assert torch.equal(grad, torch.ones_like(w))  # straight-through
