@@ -9,7 +9,7 @@ from conftest import REPO, run
 
 def test_reproduce_smoke_grid(tiny_data, tmp_path):
     cmd = [sys.executable, REPO / "scripts/reproduce.py", "--preset", "smoke", "--data", tiny_data, "--work", tmp_path / "work",
-           "--results", tmp_path / "results", "--lm-modes", "qn_pq_0.1", "--lm-columns", "fp32", "ipq", "ipq+w8a8", "--mt-modes", "none", "--mt-columns", "w8a8"]
+           "--results", tmp_path / "results", "--lm-modes", "qn_pq_0.1", "--lm-columns", "fp32", "ipq", "ipq+w8a8", "--mt-modes", "none", "--mt-columns", "w8a8", "--cls-modes"]
     first = run(cmd).output
     assert "fairseq-train" in first and "ipq_language_modeling" in first
     cells = json.loads((tmp_path / "results/reproduce.json").read_text())
@@ -51,7 +51,7 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     schedule = tmp_path / "other.yaml"
     schedule.write_text("defaults:\n  Linear: {block_size: 4, n_centroids: 4}\n  Embedding: {block_size: 4, n_centroids: 4}\n"
                         "stages:\n  - {name: ffn, layers: 'decoder\\.layers\\.\\d+\\.fc[12]', updates: 2}\n")
-    other = [str(c) for c in cmd[:cmd.index("--lm-columns") + 1]] + ["fp32", "ipq", "--mt-modes", "--lm-schedule", str(schedule)]
+    other = [str(c) for c in cmd[:cmd.index("--lm-columns") + 1]] + ["fp32", "ipq", "--mt-modes", "--cls-modes", "--lm-schedule", str(schedule)]
     fourth = run(other).output
     assert "[cached] lm qn_pq_0.1 fp32" in fourth and "[cached] lm qn_pq_0.1 ipq" not in fourth
     assert "--task language_modeling" not in fourth  # no dense retraining

@@ -1,0 +1,85 @@
+"""Which observer fixes the int8 activation ranges best: minmax, percentile or mse, chosen on valid.
+
+For each trained LM given (default: the quick reproduction's rows, both seeds, from
+work_dirs/reproduce), `quant-noise pack --scalar-bits 8 --activation-bits 8 --calibrate data/lm/bin
+--observer X` on the dense model and on its iPQ model, then fairseq-eval-lm on valid and test;
+the int8-weights-only file (`--scalar-bits 8`) is the reference each is compared with. Writes
+results/activation_observers.{md,json}.
+
+    python benchmarks/bench_activation_observers.py [--runs DIR ...] [--batches 32]
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_result  # noqa: E402
+
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+def ppl(path: Path, subset: str) -> float:
+    out = subprocess.run([str(BIN / "fairseq-eval-lm"), str(REPO / "data/lm/bin"), "--user-dir", str(REPO / "quant_noise_plugin"),
+                          "--path", str(path), "--gen-subset", subset, "--cpu", "--tokens-per-sample", "128", "--max-tokens", "4096",
+                          "--context-window", "64"], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stdout[-2000:] + out.stderr[-2000:])
+    return float((out.stdout + out.stderr).rsplit("Perplexity:", 1)[1].split()[0])
+
+
+def pack(source: Path, out: Path, *flags) -> Path:
+    if not out.exists():
+        subprocess.run([str(BIN / "quant-noise"), "pack", str(source), str(out), *map(str, flags)], check=True, capture_output=True)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", nargs="*", help="training run directories (checkpoint_last.pt inside; default: the reproduction's LM runs)")
+    parser.add_argument("--batches", type=int, default=32, help="calibration batches")
+    parser.add_argument("--ipq-only", action="store_true", help="only the iPQ models (ipq+w8a8)")
+    args = parser.parse_args()
+    work = REPO / "work_dirs" / "reproduce"
+    runs = [Path(r) for r in args.runs] if args.runs else sorted(p for p in work.glob("lm-train-*") if (p / "DONE").exists())
+    models = []
+    for run in runs:
+        ipq = sorted(p for p in work.glob(f"{run.name}-ipq-*") if (p / "DONE").exists())
+        if not args.ipq_only:
+            models.append(("dense", run / "checkpoint_last.pt"))
+        models += [("ipq", p / "checkpoint_last.pt") for p in ipq]
+    if not models:
+        raise SystemExit("no trained LM under work_dirs/reproduce: run scripts/reproduce.py --preset quick first")
+    out_dir = work / "observers"
+    out_dir.mkdir(exist_ok=True)
+    rows = []
+    for kind, model in models:
+        tag = model.parent.name
+        row = {"model": tag, "kind": kind}
+        int8 = pack(model, out_dir / f"{tag}-int8.pt", "--scalar-bits", 8)
+        row["int8"] = {subset: ppl(int8, subset) for subset in ("valid", "test")}
+        for observer in OBSERVERS:
+            packed = pack(model, out_dir / f"{tag}-w8a8-{observer}.pt", "--scalar-bits", 8, "--activation-bits", 8, "--calibrate",
+                          REPO / "data/lm/bin", "--calibration-batches", args.batches, "--observer", observer)
+            row[observer] = {subset: ppl(packed, subset) for subset in ("valid", "test")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = ["| model | weights | int8 weights only (valid / test) | " + " | ".join(f"w8a8, {o} (valid / test)" for o in OBSERVERS) + " |",
+             "|---|---|---:|" + "---:|" * len(OBSERVERS)]
+    for row in rows:
+        base = row["int8"]
+        cells = [f"{row[o]['valid']:.2f} / {row[o]['test']:.2f} ({100 * (row[o]['valid'] / base['valid'] - 1):+.2f}% valid)" for o in OBSERVERS]
+        lines.append(f"| {row['model']} | {row['kind']} | {base['valid']:.2f} / {base['test']:.2f} | " + " | ".join(cells) + " |")
+    mean_cost = {o: sum(r[o]["valid"] / r["int8"]["valid"] - 1 for r in rows) / len(rows) for o in OBSERVERS}
+    best = min(mean_cost, key=mean_cost.get)
+    notes = (f"Perplexity (fairseq-eval-lm, --tokens-per-sample 128 --context-window 64). Calibration: {args.batches} shuffled training batches "
+             f"of 2048 tokens. Mean valid cost of int8 activations over int8 weights alone: "
+             + ", ".join(f"{o} {100 * c:+.2f}%" for o, c in mean_cost.items()) + f"; chosen on valid: **{best}**.")
+    write_result("activation_observers", "int8 activation observers on the KJV LM (valid to choose, test to report)", "\n".join(lines), notes, rows)
+
+
+if __name__ == "__main__":
+    main()
