@@ -33,13 +33,15 @@ class Mode:
     ``updates``: "preset" (the preset's training budget), "preset+ipq" (plus the iPQ schedule's
     updates: the equal-budget dense control), or "N%" of the preset's budget. With ``base``, the
     run finetunes that mode's trained model (``--finetune-from-model``) for ``updates`` more.
-    Flags may hold "{N%}", replaced by N% of the preset's training updates.
+    Flags may hold "{N%}", replaced by N% of the preset's training updates. ``ipq_flags`` go to
+    the iPQ runs of the row (the no-noise and QAT rows have none).
     """
 
     flags: Tuple[str, ...] = ()
     doc: str = ""
     base: Optional[str] = None
     updates: str = "preset"
+    ipq_flags: Tuple[str, ...] = ()  # added to the iPQ runs (e.g. noise on the layers not quantized yet)
 
 
 QN = "--quant-noise-pq"
@@ -63,6 +65,12 @@ LM_MODES: Dict[str, Mode] = {
     "qn_centroids_0.1": Mode((QN, "0.1", "--quant-noise-pq-centroids", "256"),
                              "P=0.1 on every layer, selected blocks replaced by their nearest of 256 k-means centroids (the real PQ error)"),
     "qn_centroids_0.3": Mode((QN, "0.3", "--quant-noise-pq-centroids", "256"), "as qn_centroids_0.1 with P=0.3"),
+    "qn_centroids_0.1_late": Mode((QN, "0.1", "--quant-noise-pq-centroids", "256", "--quant-noise-start-update", "{50%}",
+                                   "--quant-noise-ramp-updates", "{25%}"), "centroid noise P=0.1, off for the first half, then ramped up over a quarter"),
+    "qn_pq_0.05_late": Mode((QN, "0.05", "--quant-noise-start-update", "{50%}", "--quant-noise-ramp-updates", "{25%}"),
+                            "P=0.05 on every layer, off for the first half, then ramped up over a quarter"),
+    "none_ipq_qn_0.1": Mode((), "the `none` model; its iPQ runs noise the layers not quantized yet (P=0.1), as fairseq's iPQ does",
+                            ipq_flags=(QN, "0.1")),
     "ft_none": Mode((), "control of ft_qn_pq_0.1: the `none` model trained a third more, without noise", base="none", updates="33%"),
     "ft_qn_pq_0.1": Mode((QN, "0.1"), "Quant-Noise as finetuning: the `none` model, then a third more updates with P=0.1", base="none", updates="33%"),
 }
@@ -254,6 +262,8 @@ class Runner:
         identity = [self.mode_flags(task, mode)]
         if spec.base or spec.updates != "preset":
             identity += [self.budget(task, mode), self.mode_identity(task, spec.base) if spec.base else None]
+        if spec.ipq_flags:
+            identity.append(list(spec.ipq_flags))
         return identity
 
     def common(self, updates: int, save: Path) -> List:
@@ -306,12 +316,12 @@ class Runner:
         run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, *arch, *flags, *finetune, *self.common(updates, save)], "train.log")
         return save / "checkpoint_last.pt"
 
-    def ipq(self, task: str, dense: Path, column: str) -> Path:
+    def ipq(self, task: str, dense: Path, column: str, mode: str) -> Path:
         schedule = self.schedule(task, column)
         from quant_noise_plugin.schedule import load_schedule
 
         updates = load_schedule(schedule).total_updates
-        arch = self.arch(task)
+        arch = [*self.arch(task), *modes_of(task)[mode].ipq_flags]
         save = dense.parent.parent / f"{dense.parent.name}-ipq-{key(schedule.read_text(), arch)}"
         task_flags = [*TASK_FLAGS[task][1], *self.length_flags(task), "--lr", 0.0002 if task != "cls" else 0.0001]
         run_once(save, ["fairseq-train", self.data / task / "bin", *task_flags, "--ipq-config", schedule, "--finetune-from-model", dense,
@@ -329,7 +339,7 @@ class Runner:
         if method in DENSE_COLUMNS:
             base, kind = dense, (None if method == "fp32" else method)
         else:
-            base, kind = self.ipq(task, dense, method), suffix
+            base, kind = self.ipq(task, dense, method, mode), suffix
         out = base.parent.parent / f"{base.parent.name}-{column.replace('+', '_')}.pt"  # an iPQ file is named by its run
         if not out.exists():
             if column == "fp32":  # dense, inference-only fp32 (what stock fairseq loads)
@@ -476,7 +486,8 @@ def legend(runner: Runner, task: str, modes: List[str]) -> str:
     for m in modes:
         spec = modes_of(task)[m]
         budget = f"{runner.total_budget(task, m)} training updates" + (f" ({spec.base} + {runner.budget(task, m)} finetuning)" if spec.base else "")
-        lines.append(f"- `{m}`: {spec.doc}: `{' '.join(runner.mode_flags(task, m)) or '(no flags)'}`; {budget}")
+        ipq = f"; iPQ runs add `{' '.join(spec.ipq_flags)}`" if spec.ipq_flags else ""
+        lines.append(f"- `{m}`: {spec.doc}: `{' '.join(runner.mode_flags(task, m)) or '(no flags)'}`; {budget}{ipq}")
     return "\n".join(lines)
 
 
