@@ -10,31 +10,16 @@ results/activation_observers.{md,json}.
 """
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "scripts"))
 from _results import write_result  # noqa: E402
+from pipeline import eval_lm, pack  # noqa: E402
 
 OBSERVERS = ("minmax", "percentile", "mse")
-
-
-def ppl(path: Path, subset: str) -> float:
-    out = subprocess.run([str(BIN / "fairseq-eval-lm"), str(REPO / "data/lm/bin"), "--user-dir", str(REPO / "quant_noise_plugin"),
-                          "--path", str(path), "--gen-subset", subset, "--cpu", "--tokens-per-sample", "128", "--max-tokens", "4096",
-                          "--context-window", "64"], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(out.stdout[-2000:] + out.stderr[-2000:])
-    return float((out.stdout + out.stderr).rsplit("Perplexity:", 1)[1].split()[0])
-
-
-def pack(source: Path, out: Path, *flags) -> Path:
-    if not out.exists():
-        subprocess.run([str(BIN / "quant-noise"), "pack", str(source), str(out), *map(str, flags)], check=True, capture_output=True)
-    return out
 
 
 def main():
@@ -59,12 +44,14 @@ def main():
     for kind, model in models:
         tag = model.parent.name
         row = {"model": tag, "kind": kind}
-        int8 = pack(model, out_dir / f"{tag}-int8.pt", "--scalar-bits", 8)
-        row["int8"] = {subset: ppl(int8, subset) for subset in ("valid", "test")}
+        int8 = out_dir / f"{tag}-int8.pt"
+        pack(model, int8, "--scalar-bits", 8, reuse=True)
+        row["int8"] = {subset: eval_lm(REPO / "data/lm/bin", int8, subset) for subset in ("valid", "test")}
         for observer in OBSERVERS:
-            packed = pack(model, out_dir / f"{tag}-w8a8-{observer}.pt", "--scalar-bits", 8, "--activation-bits", 8, "--calibrate",
-                          REPO / "data/lm/bin", "--calibration-batches", args.batches, "--observer", observer)
-            row[observer] = {subset: ppl(packed, subset) for subset in ("valid", "test")}
+            packed = out_dir / f"{tag}-w8a8-{observer}.pt"
+            pack(model, packed, "--scalar-bits", 8, "--activation-bits", 8, "--calibrate", REPO / "data/lm/bin",
+                 "--calibration-batches", args.batches, "--observer", observer, reuse=True)
+            row[observer] = {subset: eval_lm(REPO / "data/lm/bin", packed, subset) for subset in ("valid", "test")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     lines = ["| model | weights | int8 weights only (valid / test) | " + " | ".join(f"w8a8, {o} (valid / test)" for o in OBSERVERS) + " |",

@@ -19,7 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "scripts"))
 from _results import write_result  # noqa: E402
+from pipeline import pack  # noqa: E402
 DEMO = REPO / "checkpoints/demo"
 
 EVAL = """
@@ -44,12 +46,6 @@ def evaluate(path: Path, env=None):
     return {"tokens_per_s": tps, "ppl": ppl, "peak_rss_mb": rss, "file_mb": path.stat().st_size / 1e6}
 
 
-def pack(source: Path, out: Path, *flags) -> Path:
-    if not out.exists():
-        subprocess.run([str(BIN / "quant-noise"), "pack", str(source), str(out), *map(str, flags)], check=True, capture_output=True)
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per checkpoint; the best speed is kept")
@@ -61,8 +57,10 @@ def main():
     bench = DEMO / "bench"
     bench.mkdir(exist_ok=True)
     calibrate = ["--scalar-bits", 8, "--activation-bits", 8, "--calibrate", REPO / "data/lm/bin"]
-    packed = pack(ipq[-1], bench / "ipq.packed.pt")
-    w8a8 = pack(ipq[-1], bench / "ipq_w8a8.packed.pt", *calibrate)
+    packed, w8a8, dense_w8a8 = bench / "ipq.packed.pt", bench / "ipq_w8a8.packed.pt", bench / "dense_w8a8.packed.pt"
+    pack(ipq[-1], packed, reuse=True)
+    pack(ipq[-1], w8a8, *calibrate, reuse=True)
+    pack(trained[-1], dense_w8a8, *calibrate, reuse=True)
     dense = bench / "ipq.dense.pt"
     subprocess.run([str(BIN / "quant-noise"), "unpack", str(packed), str(dense)], check=True, capture_output=True)
     runs = {
@@ -70,7 +68,7 @@ def main():
         "packed iPQ (fp16 centroids)": (packed, None),
         "packed iPQ + w8a8, int8 kernels": (w8a8, None),
         "packed iPQ + w8a8, fake-quant reference": (w8a8, {"QUANT_NOISE_INT8_KERNELS": "0"}),
-        "dense w8a8 (the trained model), int8 kernels": (pack(trained[-1], bench / "dense_w8a8.packed.pt", *calibrate), None),
+        "dense w8a8 (the trained model), int8 kernels": (dense_w8a8, None),
     }
     trials = {name: [] for name in runs}
     for i in range(args.repeat):  # interleaved: a slow moment of the machine hits every checkpoint alike

@@ -87,8 +87,10 @@ def eval_lm(data: Path, path: Path, subset: str = "test") -> float:
     return float(out.rsplit("Perplexity:", 1)[1].split()[0])
 
 
-def pack(src: Path, dst: Path, scalar_bits: Optional[int] = None) -> int:
-    sh(["quant-noise", "pack", src, dst, *(["--scalar-bits", scalar_bits] if scalar_bits else [])])
+def pack(src: Path, dst: Path, *flags, reuse: bool = False) -> int:
+    """`quant-noise pack SRC DST FLAGS...`; with ``reuse``, an existing DST is kept. Returns its bytes."""
+    if not (reuse and dst.exists()):
+        sh(["quant-noise", "pack", src, dst, *flags])
     return dst.stat().st_size
 
 

@@ -13,29 +13,24 @@ from fairseq.models.roberta.model import RobertaModel, base_architecture
 
 from ..bitpack import bits_for
 from ..compressed import PQ_CHILD, SCALAR_CHILD
-from ..fairseq_options import QuantNoiseOptions, add_missing_args, disable_fairseq_builtin_noise, noise_config_of, set_missing_noise_defaults
+from ..fairseq_options import QuantNoiseOptions, add_missing_args, set_missing_noise_defaults
 from ..quant_noise import apply_quant_noise_
 from .compressed_loading import CompressedLoadingMixin
+from .noised_model import QuantNoiseModelMixin, set_defaults
 
 HEADS = "classification_heads."
 
 
 @register_model("qn_roberta")
-class QNRobertaModel(CompressedLoadingMixin, RobertaModel):
+class QNRobertaModel(QuantNoiseModelMixin, CompressedLoadingMixin, RobertaModel):
+    @staticmethod
+    def architecture_defaults(args):
+        qn_roberta_architecture(args)
+
     @classmethod
     def add_args(cls, parser):
         RobertaModel.add_args(parser)
         add_missing_args(parser, QuantNoiseOptions())
-
-    @classmethod
-    def build_model(cls, args, task):
-        qn_roberta_architecture(args)
-        noise = noise_config_of(args)
-        disable_fairseq_builtin_noise(args)
-        model = super().build_model(args, task)
-        model.quant_noise_config = noise
-        apply_quant_noise_(model, noise)
-        return model
 
     def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
         super().register_classification_head(name, num_classes, inner_dim, **kwargs)
@@ -111,18 +106,12 @@ def qn_roberta_base(args):
 @register_model_architecture("qn_roberta", "qn_roberta_small")
 def qn_roberta_small(args):
     """A CPU-sized encoder for the KJV tasks: 4 layers, 256 wide, 1024 FFN, 4 heads (tied LM head)."""
-    args.encoder_layers = getattr(args, "encoder_layers", 4)
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 256)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 1024)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    set_defaults(args, encoder_layers=4, encoder_embed_dim=256, encoder_ffn_embed_dim=1024, encoder_attention_heads=4)
     qn_roberta_architecture(args)
 
 
 @register_model_architecture("qn_roberta", "qn_roberta_tiny")
 def qn_roberta_tiny(args):
     """For tests: 2 layers, 64 wide."""
-    args.encoder_layers = getattr(args, "encoder_layers", 2)
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 2)
+    set_defaults(args, encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=2)
     qn_roberta_architecture(args)

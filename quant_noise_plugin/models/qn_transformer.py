@@ -7,27 +7,19 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_iwslt_de_en,
 )
 
-from ..fairseq_options import QuantNoiseExtraOptions, add_missing_args, disable_fairseq_builtin_noise, noise_config_of
-from ..quant_noise import apply_quant_noise_
+from ..fairseq_options import QuantNoiseExtraOptions, add_missing_args
 from .compressed_loading import CompressedLoadingMixin
+from .noised_model import QuantNoiseModelMixin, set_defaults
 
 
 @register_model("qn_transformer")
-class QNTransformerModel(CompressedLoadingMixin, TransformerModel):
+class QNTransformerModel(QuantNoiseModelMixin, CompressedLoadingMixin, TransformerModel):
+    architecture_defaults = staticmethod(base_architecture)
+
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
         add_missing_args(parser, QuantNoiseExtraOptions())
-
-    @classmethod
-    def build_model(cls, args, task):
-        base_architecture(args)
-        noise = noise_config_of(args)
-        disable_fairseq_builtin_noise(args)
-        model = super().build_model(args, task)
-        model.quant_noise_config = noise
-        apply_quant_noise_(model, noise)
-        return model
 
 
 @register_model_architecture("qn_transformer", "qn_transformer")
@@ -45,8 +37,5 @@ def qn_transformer_iwslt(args):
 def qn_transformer_small(args):
     """A CPU-sized translation model for the demo and tests: 3+3 layers, 256 wide."""
     for side in ("encoder", "decoder"):
-        setattr(args, f"{side}_layers", getattr(args, f"{side}_layers", 3))
-        setattr(args, f"{side}_embed_dim", getattr(args, f"{side}_embed_dim", 256))
-        setattr(args, f"{side}_ffn_embed_dim", getattr(args, f"{side}_ffn_embed_dim", 1024))
-        setattr(args, f"{side}_attention_heads", getattr(args, f"{side}_attention_heads", 4))
+        set_defaults(args, **{f"{side}_layers": 3, f"{side}_embed_dim": 256, f"{side}_ffn_embed_dim": 1024, f"{side}_attention_heads": 4})
     base_architecture(args)

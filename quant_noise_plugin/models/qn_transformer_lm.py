@@ -22,10 +22,10 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..errors import QuantNoiseError
-from ..fairseq_options import QuantNoiseExtraOptions, disable_fairseq_builtin_noise, noise_config_of, set_missing_noise_defaults
-from ..quant_noise import apply_quant_noise_
+from ..fairseq_options import QuantNoiseExtraOptions, set_missing_noise_defaults
 from .compressed_loading import CompressedLoadingMixin
 from .eval_guard import EvalLengthGuardMixin
+from .noised_model import QuantNoiseModelMixin, set_defaults
 
 
 @dataclass
@@ -34,7 +34,11 @@ class QNTransformerLanguageModelConfig(TransformerLanguageModelConfig, QuantNois
 
 
 @register_model("qn_transformer_lm")
-class QNTransformerLanguageModel(EvalLengthGuardMixin, CompressedLoadingMixin, TransformerLanguageModel):
+class QNTransformerLanguageModel(EvalLengthGuardMixin, QuantNoiseModelMixin, CompressedLoadingMixin, TransformerLanguageModel):
+    @staticmethod
+    def architecture_defaults(args):
+        qn_base_lm_architecture(args)
+
     @classmethod
     def add_args(cls, parser):
         gen_parser_from_dataclass(parser, QNTransformerLanguageModelConfig(), delete_default=True)
@@ -43,15 +47,6 @@ class QNTransformerLanguageModel(EvalLengthGuardMixin, CompressedLoadingMixin, T
         check_projection_dims(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
-    @classmethod
-    def build_model(cls, args, task):
-        qn_base_lm_architecture(args)
-        noise = noise_config_of(args)  # validates before anything is built
-        disable_fairseq_builtin_noise(args)
-        model = super().build_model(args, task)
-        model.quant_noise_config = noise
-        apply_quant_noise_(model, noise)
-        return model
 
 
 def check_projection_dims(model, state_dict) -> None:
@@ -114,10 +109,7 @@ def qn_transformer_lm_gpt2_tiny(args):
 @register_model_architecture("qn_transformer_lm", "qn_transformer_lm_small")
 def qn_transformer_lm_small(args):
     """A CPU-sized LM for the demo: 4 layers, 256 wide, tied input/output embeddings."""
-    args.decoder_layers = getattr(args, "decoder_layers", 4)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 1024)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
-    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
+    set_defaults(args, decoder_layers=4, decoder_embed_dim=256, decoder_ffn_embed_dim=1024, decoder_attention_heads=4,
+                 share_decoder_input_output_embed=True)
     base_lm_architecture(args)
     set_missing_noise_defaults(args)
