@@ -65,6 +65,17 @@ LM_MODES: Dict[str, Mode] = {
     "qn_centroids_0.1": Mode((QN, "0.1", "--quant-noise-pq-centroids", "256"),
                              "P=0.1 on every layer, selected blocks replaced by their nearest of 256 k-means centroids (the real PQ error)"),
     "qn_centroids_0.3": Mode((QN, "0.3", "--quant-noise-pq-centroids", "256"), "as qn_centroids_0.1 with P=0.3"),
+    "qn_emb_centroids_0.2": Mode((QN, "0", "--quant-noise-pq-embeddings", "0.2", "--quant-noise-pq-centroids", "1024"),
+                                 "the tied embedding only (lookup and softmax), P=0.2 of its blocks replaced by their nearest of 1024 "
+                                 "centroids: the error the embeddings-first K=1024 schedule will make"),
+    "qn_emb_centroids_0.2_late": Mode((QN, "0", "--quant-noise-pq-embeddings", "0.2", "--quant-noise-pq-centroids", "1024",
+                                       "--quant-noise-start-update", "{50%}", "--quant-noise-ramp-updates", "{25%}"),
+                                      "as qn_emb_centroids_0.2, off for the first half, then ramped up over a quarter"),
+    "qn_pq_0.1_late_long": Mode((QN, "0.1", "--quant-noise-start-update", "{50%}", "--quant-noise-ramp-updates", "{25%}"),
+                                "as qn_pq_0.1_late, trained as long as the dense control (none_long)", updates="preset+ipq"),
+    "qn_centroids_0.1_late_long": Mode((QN, "0.1", "--quant-noise-pq-centroids", "256", "--quant-noise-start-update", "{50%}",
+                                        "--quant-noise-ramp-updates", "{25%}"),
+                                       "as qn_centroids_0.1_late, trained as long as the dense control (none_long)", updates="preset+ipq"),
     "qn_centroids_0.1_late": Mode((QN, "0.1", "--quant-noise-pq-centroids", "256", "--quant-noise-start-update", "{50%}",
                                    "--quant-noise-ramp-updates", "{25%}"), "centroid noise P=0.1, off for the first half, then ramped up over a quarter"),
     "qn_pq_0.05_late": Mode((QN, "0.05", "--quant-noise-start-update", "{50%}", "--quant-noise-ramp-updates", "{25%}"),
@@ -252,8 +263,8 @@ class Runner:
         return self.budget(task, mode) + (self.total_budget(task, base) if base else 0)
 
     def mode_flags(self, task: str, mode: str) -> List[str]:
-        """The fairseq-train flags of a row, "{N%}" placeholders resolved against the preset's budget."""
-        updates = getattr(self.preset, f"{task}_updates")
+        """The fairseq-train flags of a row, "{N%}" placeholders resolved against the row's own budget."""
+        updates = self.budget(task, mode)
         return [re.sub(r"\{(\d+)%\}", lambda m: str(round(updates * int(m.group(1)) / 100)), f) for f in modes_of(task)[mode].flags]
 
     def mode_identity(self, task: str, mode: str) -> list:
