@@ -7,7 +7,10 @@ to dense fp32 (`quant-noise unpack`, inference-only like the packed files: the s
 the dense trained model packed w8a8. Each eval runs in its own process, the runs interleaved and
 repeated; the best speed and lowest peak RSS of each are kept. Writes results/bench_eval_memory.{md,json}.
 
-    python benchmarks/bench_eval_memory.py [--repeat 3]
+    python benchmarks/bench_eval_memory.py [--repeat 3] [--ipq CKPT --trained CKPT]
+
+``--ipq``/``--trained`` take any LM's iPQ and dense training checkpoints instead of the demo's
+(e.g. the cached runs of ``scripts/reproduce.py``).
 """
 import argparse
 import os
@@ -49,13 +52,18 @@ def evaluate(path: Path, env=None):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per checkpoint; the best speed is kept")
+    parser.add_argument("--ipq", type=Path, help="the iPQ checkpoint (default: the demo's)")
+    parser.add_argument("--trained", type=Path, help="the dense training checkpoint (default: the demo's)")
     args = parser.parse_args()
-    ipq = sorted(DEMO.glob("ipq-*/checkpoint_last.pt"))
-    trained = sorted(DEMO.glob("dense-*/checkpoint_last.pt"))
+    ipq = [args.ipq] if args.ipq else sorted(DEMO.glob("ipq-*/checkpoint_last.pt"))
+    trained = [args.trained] if args.trained else sorted(DEMO.glob("dense-*/checkpoint_last.pt"))
     if not ipq or not trained:
-        raise SystemExit("run `make demo` first (needs checkpoints/demo/ipq-*/ and dense-*/)")
-    bench = DEMO / "bench"
-    bench.mkdir(exist_ok=True)
+        raise SystemExit("run `make demo` first (needs checkpoints/demo/ipq-*/ and dense-*/), or pass --ipq and --trained")
+    for path in ipq + trained:
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such checkpoint")
+    bench = (DEMO if not args.ipq else args.ipq.parent) / "bench"
+    bench.mkdir(parents=True, exist_ok=True)
     calibrate = ["--scalar-bits", 8, "--activation-bits", 8, "--calibrate", REPO / "data/lm/bin"]
     packed, w8a8, dense_w8a8 = bench / "ipq.packed.pt", bench / "ipq_w8a8.packed.pt", bench / "dense_w8a8.packed.pt"
     pack(ipq[-1], packed, reuse=True)
@@ -93,7 +101,9 @@ def main():
         f"perplexity equal to its fake-quant reference within 0.1% (here {100 * abs(kernel['ppl'] / reference['ppl'] - 1):.3f}%). "
         f"w8a8 files: `quant-noise pack --scalar-bits 8 --activation-bits 8 --calibrate data/lm/bin` (mse observer, 32 batches)."
     )
-    write_result("bench_eval_memory", "fairseq-eval-lm: dense fp32, packed iPQ, int8 activations (demo model, KJV test split)", table, notes, results)
+    source = "demo model" if not args.ipq else f"`{args.ipq.parent.name}`"
+    notes += f" Checkpoints: iPQ `{ipq[-1].relative_to(REPO) if ipq[-1].is_relative_to(REPO) else ipq[-1]}`, trained `{trained[-1].relative_to(REPO) if trained[-1].is_relative_to(REPO) else trained[-1]}`."
+    write_result("bench_eval_memory", f"fairseq-eval-lm: dense fp32, packed iPQ, int8 activations ({source}, KJV test split)", table, notes, results)
 
 
 if __name__ == "__main__":

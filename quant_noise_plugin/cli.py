@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -224,15 +225,17 @@ def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int
         task.load_dataset("train", combine=False)
     except (FileNotFoundError, OSError) as e:
         raise CheckpointError(f"--calibrate {data_dir}: no training split ({e})") from None
-    iterator = task.get_batch_iterator(
-        dataset=task.dataset("train"), max_tokens=max_tokens, ignore_invalid_inputs=True, seed=1,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-    ).next_epoch_itr(shuffle=True)
     batches = []
-    for sample in iterator:
-        if len(batches) == n_batches:
-            break
-        batches.append(sample)
+    with warnings.catch_warnings():  # fairseq's iterator always asks for pinned memory; on a CPU-only machine torch warns
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        iterator = task.get_batch_iterator(
+            dataset=task.dataset("train"), max_tokens=max_tokens, ignore_invalid_inputs=True, seed=1,
+            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ).next_epoch_itr(shuffle=True)
+        for sample in iterator:
+            if len(batches) == n_batches:
+                break
+            batches.append(sample)
     return batches, task.build_criterion(cfg.criterion)
 
 

@@ -55,6 +55,8 @@ LM_MODES: Dict[str, Mode] = {
     "qn_scalar_0.5_int4": Mode(("--quant-noise-scalar", "0.5", "--quant-noise-scalar-bits", "4"), "Quant-Noise, int4 scalar P=0.5"),
     # the noise ablation (results/ablation_noise.md)
     "none_long": Mode((), "dense control: no noise, trained for the preset's updates plus the iPQ schedule's", updates="preset+ipq"),
+    "qat_int4_long": Mode(("--quant-noise-scalar", "1.0", "--quant-noise-scalar-bits", "4"),
+                          "QAT control (as qat_int4), trained as long as the dense control (none_long)", updates="preset+ipq"),
     "qn_pq_0.1_no_out": Mode((QN, "0.1", "--quant-noise-exclude", "output_projection"),
                              "P=0.1, not on the output softmax (the tied embedding is noised as the input lookup only)"),
     "qn_pq_0.1_no_emb": Mode((QN, "0.1", "--quant-noise-exclude", "embed_tokens|output_projection"),
@@ -94,6 +96,9 @@ CLS_MODES: Dict[str, Mode] = {  # the encoder is pretrained once without noise (
     "none": LM_MODES["none"],
     "qat_int4": LM_MODES["qat_int4"],
     "qn_pq_0.1": LM_MODES["qn_pq_0.1"],
+    "qn_centroids_0.1_late": Mode(LM_MODES["qn_centroids_0.1_late"].flags + ("--quant-noise-exclude", r"classification_heads\.\w+\.out_proj"),
+                                  "the LM ablation's best attempt (results/ablation_noise.md): centroid noise P=0.1, off for the first half, "
+                                  "then ramped up over a quarter; not on the 3-way output layer, which iPQ leaves dense"),
 }
 COLUMNS = ["fp32", "int8", "int4", "w8a8", "ipq", "ipq+int8", "ipq+w8a8"]
 CLS_COLUMNS = ["fp32", "int8", "ipq", "ipq+int8"]
