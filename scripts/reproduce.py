@@ -528,7 +528,8 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
                     if c == "fp32":
                         continue
                     rs = cells.get((m, c))
-                    if not rs or not ref:
+                    equal_budget = runner.total_budget(task, m) + runner.ipq_updates(task) == runner.total_budget(task, control)
+                    if not rs or not ref or not equal_budget:
                         row.append(" – |")
                         continue
                     mean, base = statistics.mean(r[metric] for r in rs), statistics.mean(ref)
@@ -539,7 +540,8 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
     return (
         f"## {'Language model (KJV)' if task == 'lm' else 'Translation (KJV -> RV1909)'}, preset `{runner.args.preset}`, seeds {', '.join(map(str, seeds))}\n\n"
         f"Each cell: the mean over seeds (then each seed). Choose on valid, report test. "
-        f"`vs dense control`: the mean against `{control}`'s fp32 model, trained without noise for as many updates as training + iPQ.\n\n"
+        f"`vs dense control`: the mean against `{control}`'s fp32 model, trained without noise for as many updates as training + iPQ "
+        f"(shown for the rows of that total budget only; rows trained longer compare with `{control}`'s own iPQ columns).\n\n"
         + "\n\n".join(out) +
         f"\n\nModes:\n{legend(runner, task, modes)}\n\nColumns: fp32 = the dense model; "
         + ", ".join(f"{c} = `{shown(runner.schedule(task, c))}`" for c in SCHEDULE_COLUMNS if c in columns) +
