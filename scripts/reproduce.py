@@ -515,11 +515,13 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
     out = []
     for subset in ("valid", "test"):
         metric = metric_of(task, subset)
-        head = "| mode | updates (train + iPQ) | " + " | ".join(columns) + (" | " + " | ".join(f"{c} vs dense control" for c in columns if c != "fp32") if control else "") + " |"
-        lines = [head, "|---|---:|" + "---:|" * (len(columns) + (len([c for c in columns if c != 'fp32']) if control else 0))]
+        head = "| mode | updates (train + iPQ) | seeds | " + " | ".join(columns) + (" | " + " | ".join(f"{c} vs dense control" for c in columns if c != "fp32") if control else "") + " |"
+        lines = [head, "|---|---:|---:|" + "---:|" * (len(columns) + (len([c for c in columns if c != 'fp32']) if control else 0))]
         ref = [r[metric] for r in cells.get((control, "fp32"), [])] if control else []
         for m in modes:
-            row = [f"| {m} | {runner.total_budget(task, m)}{' + ' + str(runner.ipq_updates(task)) if any(split_column(c)[0] in SCHEDULE_COLUMNS for c in columns) else ''} |"]
+            ran = sorted({r["seed"] for c in columns for r in cells.get((m, c), [])})
+            row = [f"| {m} | {runner.total_budget(task, m)}{' + ' + str(runner.ipq_updates(task)) if any(split_column(c)[0] in SCHEDULE_COLUMNS for c in columns) else ''} | "
+                   f"{', '.join(map(str, ran)) or '–'} |"]
             for c in columns:
                 rs = cells.get((m, c))
                 row.append(f" {seeds_text([r[metric] for r in rs])} |" if rs else " – |")
