@@ -81,3 +81,30 @@ def test_reproduce_smoke_classifier(tiny_data, tmp_path):
     table = (tmp_path / "results/cls_kjv_pairs.md").read_text()
     assert "Baselines on the same test split: majority class 33.3%" in table and f"{cells[1]['acc']:.2f}" in table
     assert "masked-LM pretraining updates" in table
+
+
+def test_ablation_table_seeds_and_equal_budget_control(tmp_path):
+    """The ablation table: each row's seeds, means with each seed's value, and iPQ's cost against the dense
+    control only for rows whose training + iPQ equals the control's training (longer rows show '–')."""
+    from argparse import Namespace
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import reproduce
+
+    args = Namespace(preset="smoke", work=str(tmp_path / "work"), data=str(tmp_path), device="cpu",
+                     lm_schedule=None, mt_schedule=None, cls_schedule=None)
+    runner = reproduce.Runner(args, 1)
+
+    def cell(mode, column, seed, ppl):
+        return {"task": "lm", "mode": mode, "column": column, "seed": seed, "ppl": ppl, "valid_ppl": ppl - 1,
+                "device": "cpu", "command": "test"}
+
+    results = [cell("none_long", "fp32", 1, 40.0), cell("none_long", "fp32", 2, 42.0),
+               cell("none", "fp32", 1, 50.0), cell("none", "ipq_k1024", 1, 55.0),
+               cell("qn_pq_0.1_late_long", "fp32", 1, 44.0), cell("qn_pq_0.1_late_long", "ipq_k1024", 1, 48.0)]
+    text = reproduce.render_ablation(results, "lm", ["none", "none_long", "qn_pq_0.1_late_long"], ["fp32", "ipq_k1024"], runner, [1, 2])
+    test_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                 for line in text.split("### Test split")[1].splitlines() if line.startswith("| ") and "mode" not in line}
+    assert test_rows["none_long"][1:3] == ["1, 2", "41.00 (40.00 / 42.00)"]
+    assert test_rows["none"][1] == "1" and test_rows["none"][-1] == f"{100 * (55 / 41 - 1):+.1f}%"  # 55 against the mean of 40 and 42
+    assert test_rows["qn_pq_0.1_late_long"][-1] == "–"  # trained longer than the control: no equal-budget comparison
