@@ -703,7 +703,8 @@ def write_outputs(results: List[dict], args, runner: Runner, out: Path, seeds: L
     if args.table == "ablation":
         parts = [render_ablation(results, task, getattr(args, f"{task}_modes"), getattr(args, f"{task}_columns"), runner, seeds)
                  for task in ("lm", "mt", "cls") if any(r["task"] == task for r in results)]
-        (out / "ablation_noise.md").write_text("# Where and when to put Quant-Noise: the ablation\n\n" + "\n\n".join(parts))
+        reading = "What the rows say, failures included: README.md, section \"Where and when to put the noise\".\n\n"
+        (out / "ablation_noise.md").write_text("# Where and when to put Quant-Noise: the ablation\n\n" + reading + "\n\n".join(parts))
         (out / "ablation_noise.json").write_text(json.dumps(results, indent=1))
         return
     for task in ("lm", "mt", "cls"):
