@@ -81,5 +81,6 @@ def render(rows: list, batches: int) -> None:
              + ", ".join(f"{o} {100 * c:+.2f}%" for o, c in mean_cost.items()) + f"; {choice}.")
     write_result("activation_observers", "int8 activation observers on the KJV LM (valid to choose, test to report)", "\n".join(lines), notes, rows)
 
+
 if __name__ == "__main__":
     main()

@@ -102,7 +102,8 @@ def main():
         f"w8a8 files: `quant-noise pack --scalar-bits 8 --activation-bits 8 --calibrate data/lm/bin` (mse observer, 32 batches)."
     )
     source = "demo model" if not args.ipq else f"`{args.ipq.parent.name}`"
-    notes += f" Checkpoints: iPQ `{ipq[-1].relative_to(REPO) if ipq[-1].is_relative_to(REPO) else ipq[-1]}`, trained `{trained[-1].relative_to(REPO) if trained[-1].is_relative_to(REPO) else trained[-1]}`."
+    shown = {path: path.relative_to(REPO) if path.is_relative_to(REPO) else path for path in (ipq[-1], trained[-1])}
+    notes += f" Checkpoints: iPQ `{shown[ipq[-1]]}`, trained `{shown[trained[-1]]}`."
     write_result("bench_eval_memory", f"fairseq-eval-lm: dense fp32, packed iPQ, int8 activations ({source}, KJV test split)", table, notes, results)
 
 

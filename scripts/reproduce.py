@@ -33,7 +33,7 @@ class Mode:
     ``updates``: "preset" (the preset's training budget), "preset+ipq" (plus the iPQ schedule's
     updates: the equal-budget dense control), or "N%" of the preset's budget. With ``base``, the
     run finetunes that mode's trained model (``--finetune-from-model``) for ``updates`` more.
-    Flags may hold "{N%}", replaced by N% of the preset's training updates. ``ipq_flags`` go to
+    Flags may hold "{N%}", replaced by N% of the row's own training updates. ``ipq_flags`` go to
     the iPQ runs of the row (the no-noise and QAT rows have none).
     """
 
@@ -515,6 +515,7 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
     cells = group(results, task)
     better = "lower" if task == "lm" else "higher"  # perplexity; BLEU and accuracy
     control = "none_long" if "none_long" in modes else None
+    ipq_updates = runner.ipq_updates(task)  # the schedule's, read once
     out = []
     for subset in ("valid", "test"):
         metric = metric_of(task, subset)
@@ -523,8 +524,9 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
         ref = [r[metric] for r in cells.get((control, "fp32"), [])] if control else []
         for m in modes:
             ran = sorted({r["seed"] for c in columns for r in cells.get((m, c), [])})
-            row = [f"| {m} | {runner.total_budget(task, m)}{' + ' + str(runner.ipq_updates(task)) if any(split_column(c)[0] in SCHEDULE_COLUMNS for c in columns) else ''} | "
+            row = [f"| {m} | {runner.total_budget(task, m)}{f' + {ipq_updates}' if any(split_column(c)[0] in SCHEDULE_COLUMNS for c in columns) else ''} | "
                    f"{', '.join(map(str, ran)) or '–'} |"]
+            equal_budget = control and runner.total_budget(task, m) + ipq_updates == runner.total_budget(task, control)
             for c in columns:
                 rs = cells.get((m, c))
                 row.append(f" {seeds_text([r[metric] for r in rs])} |" if rs else " – |")
@@ -533,7 +535,6 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
                     if c == "fp32":
                         continue
                     rs = cells.get((m, c))
-                    equal_budget = runner.total_budget(task, m) + runner.ipq_updates(task) == runner.total_budget(task, control)
                     if not rs or not ref or not equal_budget:
                         row.append(" – |")
                         continue

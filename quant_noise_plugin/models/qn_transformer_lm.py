@@ -48,7 +48,6 @@ class QNTransformerLanguageModel(EvalLengthGuardMixin, QuantNoiseModelMixin, Com
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
-
 def check_projection_dims(model, state_dict) -> None:
     """A stock transformer_lm narrower than 512 keeps 512-wide input/output dims and two projections;
     ours follows --decoder-embed-dim unless told: say which flags load such a checkpoint."""
