@@ -35,7 +35,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModel
 hub = TransformerLanguageModel.from_pretrained(sys.argv[1], sys.argv[2], data_name_or_path=sys.argv[3], user_dir=sys.argv[4])
 scored = hub.score("And God said , Let there be light")
 print("score", len(scored["tokens"]), float(scored["positional_scores"].mean()))
-print("sample", repr(hub.sample("In the beginning", sampling=True, sampling_topk=10, min_len=3, max_len_b=6, seed=1)))
+print("sample", repr(hub.sample("In the beginning", sampling=True, sampling_topk=10, min_len=6, max_len_b=6, seed=1)))  # min_len counts the 3 prompt tokens
 hypos = hub.generate(hub.encode("And God said"), beam=2, max_len_b=4)
 print("generate", len(hypos), float(hypos[0]["score"]))
 """
