@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test,plot]"
+	$(BIN)/pip install -q -e ".[test,plot,baselines]"
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -25,7 +25,8 @@ test: setup
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/demo.py
 
-# extra flags: make reproduce ARGS="--device cuda" (or --preset quick, --lm-modes ..., --render-only)
+# extra flags: make reproduce ARGS="--device cuda" (or --preset quick, --experiment demo, --lm-modes ..., --render-only);
+# the grid (presets, rows, columns) is configs/experiments/*.yaml; `scripts/reproduce.py --help` lists it
 reproduce: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/reproduce.py $(ARGS)
 

@@ -20,6 +20,8 @@ setup(
         "sentencepiece",
         "numpy<2",  # fairseq-fixed still calls np.compat.long (token_block_dataset: the hub's score/sample), removed in NumPy 2.0
     ],
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    # baselines: benchmarks/cls_baselines.py (the classifier table's bag-of-words baseline); fairseq-fixed
+    # happens to pull scikit-learn in today, declared here so the baseline does not depend on that
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"], "baselines": ["scikit-learn", "scipy"]},
     entry_points={"console_scripts": ["quant-noise=quant_noise_plugin.cli:main"]},
 )

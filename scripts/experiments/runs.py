@@ -1,0 +1,195 @@
+"""The runs behind a cell: train, iPQ, pack (calibrate), each one real fairseq / quant-noise CLI call.
+
+``Runner`` builds every command from the grid (one preset, one seed) and runs what is not finished
+yet; the demo and the reproduction both go through it, so their flags cannot drift apart. Command
+building is pure (``train_command``, ``ipq_command``, ``compressed_path``): the cache keys and
+``--render-only`` use it without running anything.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .cache import finished, key, mark_finished
+from .grid import REPO, Grid, Preset, resolve_flags, updates_for
+from .shell import PLUGIN, sh
+
+FINETUNE_LR_FACTOR = 0.5  # finetuning rows (and their controls) run at half the task's peak learning rate
+PRETRAIN_LR = 0.0005  # the classifier's masked-LM pretraining
+
+
+def warmup(updates: int) -> int:
+    return min(400, max(1, updates // 5))
+
+
+@lru_cache(maxsize=None)
+def schedule_updates(path: Path) -> int:
+    from quant_noise_plugin.schedule import load_schedule
+
+    return load_schedule(path).total_updates
+
+
+class Runner:
+    """One preset and seed of the grid, its runs under ``work``, fairseq on ``device`` ("cpu" or "cuda")."""
+
+    def __init__(self, grid: Grid, preset: str, seed: Optional[int], work: Path, data: Path, device: str = "cpu",
+                 schedules: Optional[Dict[str, str]] = None, dry_run: bool = False):
+        self.grid, self.preset_name, self.dry_run = grid, preset, dry_run
+        self.printed: set = set()  # dry run: each command once
+        self.preset: Preset = grid.presets[preset] if seed is None else replace(grid.presets[preset], seed=seed)
+        self.work, self.data, self.device = Path(work).resolve(), Path(data).resolve(), device
+        self.overrides = {task: Path(path).resolve() for task, path in (schedules or {}).items() if path}  # --lm-schedule etc.
+
+    # -- what the grid says ----------------------------------------------------------------------
+
+    def schedule(self, task: str, column: str = "ipq") -> Path:
+        """The iPQ schedule of a schedule column: --lm-schedule/--mt-schedule/--cls-schedule for "ipq", else the preset's."""
+        if column == "ipq" and task in self.overrides:
+            return self.overrides[task]
+        return REPO / getattr(self.preset, task).schedules[column]
+
+    def ipq_updates(self, task: str, column: str = "ipq") -> int:
+        return schedule_updates(self.schedule(task, column))
+
+    def budget(self, task: str, mode: str) -> int:
+        """Training updates of a row's own run (a finetuning row: the updates after its base)."""
+        return updates_for(self.grid, self.preset, task, mode, lambda: self.ipq_updates(task))
+
+    def total_budget(self, task: str, mode: str) -> int:
+        """Training updates the model has seen before compression (its base's included)."""
+        base = self.grid.mode(task, mode).base
+        return self.budget(task, mode) + (self.total_budget(task, base) if base else 0)
+
+    def mode_flags(self, task: str, mode: str) -> List[str]:
+        return resolve_flags(self.grid.mode(task, mode).flags, self.budget(task, mode))
+
+    # -- commands (pure) -------------------------------------------------------------------------
+
+    def device_flags(self) -> List[str]:
+        return ["--cpu"] if self.device == "cpu" else []
+
+    def normalized(self, cmd: List) -> List[str]:
+        """A command as a cache key sees it: data, work and plugin folders as placeholders, the device left out."""
+        swap = {str(self.data): "DATA", str(self.work): "WORK", PLUGIN: "PLUGIN"}
+        out = [str(c) for c in cmd if c not in self.device_flags()]
+        for old, new in swap.items():
+            out = [c.replace(old, new) for c in out]
+        return out
+
+    def run_dir(self, name: str, cmd: List, *extra) -> Path:
+        """A run's folder: named by its command and ``extra`` (e.g. the schedule's contents)."""
+        return self.work / f"{name}-{key(self.normalized(cmd), *extra)}"
+
+    def common(self, updates: int) -> List:
+        p = self.preset
+        return ["--user-dir", PLUGIN, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "0.5",
+                "--max-tokens", p.max_tokens, "--max-update", updates, "--seed", p.seed,
+                "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "100",
+                "--validate-interval-updates", updates, *self.device_flags(), "--num-workers", "0", *p.extra]
+
+    def length_flags(self, task: str) -> List:
+        """Sequence length flags shared by a task's training, iPQ and evaluation runs."""
+        return {"lm": ["--tokens-per-sample", self.preset.tokens_per_sample], "mt": [],
+                "cls": ["--max-positions", self.preset.cls.max_positions]}[task]
+
+    def pretrain_command(self) -> Tuple[List, Path]:
+        """The classifier rows' common start: the encoder pretrained as a masked LM on the LM data, without noise."""
+        cls = self.preset.cls
+        cmd = ["fairseq-train", self.data / "lm" / "bin", "--task", "masked_lm", "--criterion", "masked_lm", *cls.arch,
+               "--tokens-per-sample", cls.max_positions, "--lr", PRETRAIN_LR, "--lr-scheduler", "inverse_sqrt",
+               "--warmup-updates", warmup(cls.pretrain_updates), *self.common(cls.pretrain_updates)]
+        return self._with_save(cmd, "cls-pretrain")
+
+    def train_command(self, task: str, mode: str) -> Tuple[List, Path]:
+        """fairseq-train of a row: its flags, budget and learning rate; a finetuning row starts from its base."""
+        spec, spec_task = self.grid.mode(task, mode), self.grid.tasks[task]
+        updates = self.budget(task, mode)
+        lr, warm, start = spec_task.lr, warmup(updates), []
+        if spec.base:
+            start = ["--finetune-from-model", self.train_command(task, spec.base)[1] / "checkpoint_last.pt"]
+            lr, warm = lr * FINETUNE_LR_FACTOR, max(1, updates // 10)
+        elif task == "cls":
+            start = ["--finetune-from-model", self.pretrain_command()[1] / "checkpoint_last.pt"]
+        cmd = ["fairseq-train", self.data / task / "bin", *spec_task.train, *self.length_flags(task), "--lr", lr,
+               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warm, *getattr(self.preset, task).arch,
+               *self.mode_flags(task, mode), *start, *self.common(updates)]
+        return self._with_save(cmd, f"{task}-{'finetune' if spec.base else 'train'}")
+
+    def ipq_command(self, task: str, mode: str, column: str = "ipq") -> Tuple[List, Path]:
+        """fairseq-train --task ipq_*: the row's trained model through a schedule (plus the row's iPQ-time flags)."""
+        schedule = self.schedule(task, column)
+        dense = self.train_command(task, mode)[1] / "checkpoint_last.pt"
+        cmd = ["fairseq-train", self.data / task / "bin", *self.grid.tasks[task].ipq, *self.length_flags(task),
+               "--lr", self.grid.tasks[task].ipq_lr, "--ipq-config", schedule, "--finetune-from-model", dense,
+               *getattr(self.preset, task).arch, *self.grid.mode(task, mode).ipq_flags, *self.common(self.ipq_updates(task, column))]
+        return self._with_save(cmd, f"{dense.parent.name}-ipq", hashlib.sha256(schedule.read_bytes()).hexdigest())
+
+    def _with_save(self, cmd: List, name: str, *extra) -> Tuple[List, Path]:
+        save = self.run_dir(name, cmd, *extra)
+        return [*cmd, "--save-dir", save], save
+
+    def pack_flags(self, task: str, packing: Optional[str]) -> List:
+        if packing is None:
+            return []
+        spec = self.grid.packings[packing]
+        return [*spec.flags, *(["--calibrate", self.data / task / "bin"] if spec.calibrate else [])]
+
+    def compressed_path(self, task: str, mode: str, column: str) -> Tuple[Path, Path, List]:
+        """(the checkpoint a column compresses, the compressed file, its `quant-noise pack` flags)."""
+        method, _, suffix = column.partition("+")
+        if method == "fp32" or method in self.grid.packings:
+            source, packing = self.train_command(task, mode)[1], (None if method == "fp32" else method)
+        else:
+            source, packing = self.ipq_command(task, mode, method)[1], suffix or None
+        flags = self.pack_flags(task, packing)
+        tag = column.replace("+", "_") + (f"-{key(self.normalized(flags))}" if flags else "")
+        return source / "checkpoint_last.pt", source.parent / f"{source.name}-{tag}.pt", flags
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def run(self, cmd: List, save: Path, log_name: str) -> Path:
+        """Run a fairseq-train command unless it already finished in ``save``; its last checkpoint."""
+        if finished(save):
+            print(f"[done] {save}", flush=True)
+        elif self.dry_run:
+            self.show(cmd)
+        else:
+            sh(cmd, save / log_name)
+            mark_finished(save)
+        return save / "checkpoint_last.pt"
+
+    def show(self, cmd: List) -> None:
+        line = " ".join(map(str, cmd))
+        if line not in self.printed:
+            self.printed.add(line)
+            print(f"$ {line}", flush=True)
+
+    def train(self, task: str, mode: str) -> Path:
+        base = self.grid.mode(task, mode).base
+        if base:
+            self.train(task, base)
+        elif task == "cls":
+            self.run(*self.pretrain_command(), "train.log")
+        return self.run(*self.train_command(task, mode), "train.log")
+
+    def ipq(self, task: str, mode: str, column: str = "ipq") -> Path:
+        self.train(task, mode)
+        return self.run(*self.ipq_command(task, mode, column), "ipq.log")
+
+    def compressed(self, task: str, mode: str, column: str) -> Path:
+        """The column's file: the dense model unpacked to fp32 (what stock fairseq loads), or packed."""
+        method = column.partition("+")[0]
+        source, out, flags = self.compressed_path(task, mode, column)
+        if method == "fp32" or method in self.grid.packings:
+            self.train(task, mode)
+        else:
+            self.ipq(task, mode, method)
+        cmd = ["quant-noise", "unpack", source, out] if column == "fp32" else ["quant-noise", "pack", source, out, *flags]
+        if self.dry_run:
+            self.show(cmd)
+        elif not out.exists():
+            sh(cmd)
+        return out

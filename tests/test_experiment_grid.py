@@ -1,0 +1,92 @@
+"""The experiment grid as data (configs/experiments/*.yaml): validated at start in one line, and one
+runner behind the demo and the reproduction."""
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO, run
+
+sys.path.insert(0, str(REPO / "scripts"))
+from experiments.grid import GridError, load_grid  # noqa: E402
+from experiments.runs import Runner  # noqa: E402
+
+GRID = REPO / "configs" / "experiments"
+
+
+def broken_grid(tmp_path, file, old, new):
+    folder = tmp_path / "grid"
+    shutil.copytree(GRID, folder)
+    text = (folder / file).read_text()
+    assert old in text
+    (folder / file).write_text(text.replace(old, new, 1))
+    return folder
+
+
+@pytest.mark.parametrize("file, old, new, culprit", [
+    ("lm.yaml", "  qn_pq_0.2:\n", "  qn_pq_0.2:\n    colour: red\n", "lm.yaml: modes.qn_pq_0.2: key colour"),
+    ("lm.yaml", '    flags: [--quant-noise-pq, "0.2"]', "    flags: --quant-noise-pq", "lm.yaml: modes.qn_pq_0.2: key flags"),
+    ("lm.yaml", "    base: none\n    updates: 33%", "    base: nothing\n    updates: 33%", "lm.yaml: modes.ft_none: key base"),
+    ("lm.yaml", "    updates: 33%", "    updates: a third", "lm.yaml: modes.ft_none: key updates"),
+    ("mt.yaml", "    modes: [none, qn_pq_0.1]", "    modes: [none, qn_pq_9]", "mt.yaml: tables.grid: unknown mode 'qn_pq_9'"),
+    ("presets.yaml", "    updates: 600\n", "    updates: six hundred\n", "presets.yaml: quick: key lm.updates"),
+    ("presets.yaml", "configs/ipq/qn_transformer_demo.yaml", "configs/ipq/missing.yaml", "quick.mt.schedules.ipq: no such file"),
+    ("columns.yaml", "  after_ipq: false", "  after_ipq: sometimes", "columns.yaml: int4: key after_ipq"),
+    ("experiments.yaml", "modes: [qn_pq_0.1]", "modes: [qn_pq_7]", "experiments.yaml: demo: unknown mode 'qn_pq_7'"),
+])
+def test_malformed_grid_fails_in_one_line_naming_the_culprit(tmp_path, file, old, new, culprit):
+    folder = broken_grid(tmp_path, file, old, new)
+    with pytest.raises(GridError, match=culprit.replace(".", r"\.").replace("[", r"\[")):
+        load_grid(folder)
+    result = run([sys.executable, REPO / "scripts/reproduce.py", "--grid", folder, "--render-only"], check=False)
+    assert result.returncode != 0 and culprit in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if "error" in line]) == 1
+
+
+def test_shipped_grid_loads_and_help_lists_it():
+    grid = load_grid()
+    assert {"full", "quick", "smoke"} <= set(grid.presets) and "demo" in grid.experiments
+    out = run([sys.executable, REPO / "scripts/reproduce.py", "--help"]).output
+    assert "qn_centroids_0.1_late_long" in out and "smoke: tests" in out and "demo:" in out
+
+
+def test_a_row_is_a_yaml_edit(tmp_path):
+    """A new row (flags with {N%}, a finetuning base) appears in --help and builds its commands, no code touched."""
+    folder = broken_grid(tmp_path, "lm.yaml", "modes:\n", "modes:\n  my_row:\n    doc: mine\n    flags: [--quant-noise-pq, '0.1', "
+                         "--quant-noise-start-update, '{50%}']\n    base: none\n    updates: 50%\n")
+    grid = load_grid(folder)
+    runner = Runner(grid, "quick", 1, tmp_path / "work", tmp_path / "data")
+    cmd, save = runner.train_command("lm", "my_row")
+    assert runner.budget("lm", "my_row") == 300 and runner.total_budget("lm", "my_row") == 900
+    assert cmd[cmd.index("--quant-noise-start-update") + 1] == "150"
+    base = runner.train_command("lm", "none")[1]
+    assert cmd[cmd.index("--finetune-from-model") + 1] == base / "checkpoint_last.pt"
+    assert "my_row" in run([sys.executable, REPO / "scripts/reproduce.py", "--grid", folder, "--help"]).output
+
+
+def test_demo_and_quick_preset_build_the_same_commands(tmp_path):
+    """`make demo`'s script and the reproduction of the demo's row print the same fairseq/quant-noise command lines."""
+    common = ["--data", tmp_path / "data", "--work", tmp_path / "work", "--dry-run"]
+    demo = run([sys.executable, REPO / "scripts/demo.py", *common]).output
+    grid = load_grid()
+    row, columns = grid.experiments["demo"].modes[0], grid.experiments["demo"].columns
+    reproduce = run([sys.executable, REPO / "scripts/reproduce.py", "--preset", "quick", "--lm-modes", row, "--lm-columns", *columns,
+                     "--mt-modes", "--cls-modes", *common]).output
+    commands = [[line for line in out.splitlines() if line.startswith("$ ")] for out in (demo, reproduce)]
+    assert sorted(commands[0]) == sorted(commands[1]) and len(commands[0]) == 4  # train, unpack, iPQ, pack
+    train = [line for line in commands[0] if "--task language_modeling" in line][0]
+    assert f"--max-update {grid.presets['quick'].lm.updates}" in train and "--quant-noise-pq 0.1" in train
+    assert "--warmup-updates 120" in train  # the quick preset's warmup, not a demo-only value
+
+
+def test_demo_script_end_to_end_on_the_smoke_preset(tiny_data, tmp_path):
+    """`make demo`'s script, walked through on the smoke preset: every step runs, the summary is written."""
+    out = run([sys.executable, REPO / "scripts/demo.py", "--preset", "smoke", "--data", tiny_data, "--work", tmp_path / "work"]).output
+    assert all(f"== {i}/5" in out for i in range(1, 6)) and "fairseq-eval-lm" in out and "quant-noise schedule" in out
+    summary = (tmp_path / "work" / "results" / "demo.md").read_text()
+    rows = [line.split("|") for line in summary.splitlines() if line.startswith("| ") and "MB" in line]
+    assert len(rows) == 3 and all(float(r[3]) > 1 for r in rows)  # dense fp32, iPQ training checkpoint, packed
+    dense_mb, packed_mb = float(rows[0][2].split()[0]), float(rows[2][2].split()[0])
+    assert packed_mb < dense_mb / 2 and "preset smoke" in summary
+    again = run([sys.executable, REPO / "scripts/demo.py", "--preset", "smoke", "--data", tiny_data, "--work", tmp_path / "work"]).output
+    assert "--task language_modeling" not in again and "[done]" in again  # a rerun reuses the finished runs
