@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiments.cache import write_atomic  # noqa: E402
 from experiments.grid import REPO, load_grid  # noqa: E402
 from experiments.metrics import perplexity  # noqa: E402
+from experiments.provenance import commit, portable  # noqa: E402
 from experiments.runs import Runner  # noqa: E402
 from experiments.shell import sh, size_report  # noqa: E402
 
@@ -78,9 +79,9 @@ def main(argv=None) -> None:
     print(f"checkpoints: {dense_fp32.relative_to(REPO) if dense_fp32.is_relative_to(REPO) else dense_fp32} (dense fp32), "
           f"{packed.relative_to(REPO) if packed.is_relative_to(REPO) else packed} (iPQ packed)")
     out = Path(args.results or Path(args.work) / "results") / "demo.md"
-    command = "scripts/demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "scripts/demo.py " + portable(sys.argv[1:] if argv is None else argv)
     write_atomic(out, f"# make demo (KJV LM, {arch}, preset {args.preset}, row {mode})\n\n{table}\n{footer}\n"
-                      f"Command: `make demo` (`{command.strip()}`).\n")
+                      f"Command: `make demo` (`{command.strip()}`), commit {commit()}.\n")
     print(f"written {out}")
 
 

@@ -23,6 +23,7 @@ from experiments.cache import Cells, write_atomic  # noqa: E402
 from experiments.cell import cell  # noqa: E402
 from experiments.grid import CONFIGS, REPO, TASKS, Grid, GridError, load_grid  # noqa: E402
 from experiments.plot import plot  # noqa: E402
+from experiments.provenance import portable  # noqa: E402
 from experiments.runs import Runner  # noqa: E402
 from experiments.shell import sh  # noqa: E402
 from experiments.tables import TABLE_FILES, cls_baselines_text, render  # noqa: E402
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     except GridError as error:
         sys.exit(f"reproduce.py: error: {error}")
     args = parse(argv, grid)
-    command = "scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "scripts/reproduce.py " + portable(sys.argv[1:] if argv is None else argv)
     if not (args.render_only or args.dry_run) and not (Path(args.data) / ".complete.json").exists():
         sh(["quant-noise", "data", "--output", args.data])
     seeds = args.seeds or [grid.presets[args.preset].seed]

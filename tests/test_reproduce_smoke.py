@@ -35,7 +35,9 @@ def test_reproduce_smoke_grid(tiny_data, tmp_path):
     assert not [line for line in second.splitlines() if line.startswith("$ ")]  # no command was run
     assert json.loads((tmp_path / "results/reproduce.json").read_text()) == cells
     assert all(c["device"] == "cpu" and c["command"].startswith("scripts/reproduce.py --preset smoke") for c in cells)
-    assert "- cpu: `scripts/reproduce.py --preset smoke" in table  # provenance of the cells
+    assert "- cpu, commit " in table and "`scripts/reproduce.py --preset smoke" in table  # provenance of the cells
+    assert str(tmp_path) not in table and str(tiny_data) not in table and "--data .../tiny" in table  # no machine's path
+    assert table.rstrip().splitlines()[-1].startswith("Command: `scripts/reproduce.py --preset smoke") and "(commit " in table
 
     # the cells survive without the cache: --render-only over an empty --work re-renders the same tables from the
     # results folder's own reproduce.json (how the shipped tables are re-rendered on any machine)

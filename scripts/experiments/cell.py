@@ -5,6 +5,7 @@ from typing import Optional
 
 from .cache import Cells
 from .metrics import evaluate
+from .provenance import commit
 from .runs import Runner
 
 
@@ -34,7 +35,7 @@ def cell(runner: Runner, cells: Cells, task: str, mode: str, column: str, comman
         return None
     result = {"task": task, "mode": mode, "column": column, "seed": seed, "bytes": path.stat().st_size,
               "checkpoint": str(path.relative_to(runner.work)), "train_updates": runner.total_budget(task, mode),
-              "device": device_name(runner.device), "command": command}
+              "device": device_name(runner.device), "command": command, "commit": commit()}
     method = column.partition("+")[0]
     if method in getattr(runner.preset, task).schedules:
         result["ipq_updates"] = runner.ipq_updates(task, method)

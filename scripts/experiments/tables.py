@@ -8,6 +8,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from .grid import REPO
 from .metrics import metric_of
+from .provenance import commit
 from .runs import Runner
 
 TITLES = {"lm": "Perplexity on the KJV test split (lower is better)",
@@ -42,11 +43,17 @@ def schedules_text(runner: Runner, task: str, columns: Iterable[str]) -> str:
 
 
 def provenance(cells: Iterable[dict]) -> str:
-    """One line per (device, command) that computed some of the cells: a table may merge several runs."""
+    """One line per (device, commit, command) that computed some of the cells: a table may merge several runs."""
     runs = {}
     for r in cells:
-        runs.setdefault((r.get("device", "not recorded"), r.get("command", "not recorded")), []).append(r["mode"])
-    return "\n".join(f"- {device}: `{command}` ({', '.join(sorted(set(modes)))})" for (device, command), modes in runs.items())
+        where = r.get("device", "not recorded") + (f", commit {r['commit']}" if r.get("commit") else "")
+        runs.setdefault((where, r.get("command", "not recorded")), []).append(r["mode"])
+    return "\n".join(f"- {where}: `{command}` ({', '.join(sorted(set(modes)))})" for (where, command), modes in runs.items())
+
+
+def command_line(command: str) -> str:
+    """The table's last line: what rendered it, and at which commit (`--render-only` reruns it)."""
+    return f"Command: `{command}` (commit {commit()})\n"
 
 
 def legend(runner: Runner, task: str, modes: List[str]) -> str:
@@ -91,7 +98,7 @@ def render(results: List[dict], task: str, modes: List[str], columns: List[str],
         f"Preset `{runner.preset_name}`: arch `{' '.join(own.arch)}`, {own.updates} training updates"
         f"{f' (after {own.pretrain_updates} masked-LM pretraining updates on the KJV LM data, without noise, shared by the rows)' if task == 'cls' else ''}, "
         f"--max-tokens {p.max_tokens}, seeds {', '.join(map(str, seeds))}.\n\nCells computed by:\n{provenance(c for rs in cells.values() for c in rs)}\n\n"
-        f"Command: `{command}`\n"
+        + command_line(command)
     )
 
 
