@@ -19,7 +19,8 @@ HELP = {
     "scalar": "fraction of weights fake-quantized each forward (1 = QAT)",
     "scalar_bits": "bits of the scalar (fake) quantizer: 4 or 8",
     "scalar_per_channel": "scalar noise: one scale per output row instead of per tensor",
-    "exclude": "regex over module names that get no noise, e.g. 'embed_tokens|output_projection'",
+    "exclude": "regex searched anywhere in each module name (re.search, unlike the iPQ schedule's full match): "
+               "matching modules get no noise, e.g. 'embed_tokens|output_projection'",
     "pq_embeddings": "PQ noise rate of embedding tables and the output projections tied to them (default: --quant-noise-pq)",
     "pq_centroids": "0: dropped blocks are zeroed (the paper's proxy); K>0: selected blocks are replaced by their nearest "
                     "of K centroids k-means'd from the layer's weight (the real iPQ error, straight-through)",

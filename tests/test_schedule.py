@@ -93,3 +93,27 @@ def test_schedule_that_does_not_fit_the_model_is_rejected(tmp_path, stages, mess
     with pytest.raises(ScheduleError) as err:
         plan_schedule(schedule, TinyLM(), "s.yaml")
     assert message in str(err.value)
+
+
+def test_stage_regexes_match_whole_module_names(tmp_path):
+    """A stage's `layers` must match the whole name (re.fullmatch): `fc1` alone names no layer, while
+    `--quant-noise-exclude` searches anywhere in the name (next test)."""
+    model = TinyLM()
+    partial = load_schedule(write(tmp_path, "stages:\n  - {name: ffn, layers: 'fc1', updates: 1}\n"))
+    with pytest.raises(ScheduleError, match=r"stage 0 \(ffn\): key layers: regex 'fc1' matches no Linear/Embedding layer"):
+        plan_schedule(partial, model)
+    whole = load_schedule(write(tmp_path, "defaults:\n  Linear: {block_size: 4, n_centroids: 4}\n"
+                                          "stages:\n  - {name: ffn, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1}\n"))
+    names = [n for layer in plan_schedule(whole, model)[0].layers for n in layer.names]
+    assert names == ["decoder.layers.0.fc1", "decoder.layers.1.fc1"]
+
+
+def test_quant_noise_exclude_searches_anywhere_in_the_name():
+    from quant_noise_plugin.quant_noise import QuantNoiseConfig, noise_targets
+
+    model = TinyLM()
+    every = noise_targets(model, QuantNoiseConfig(pq=0.1))
+    no_fc1 = noise_targets(model, QuantNoiseConfig(pq=0.1, exclude="fc1"))
+    assert set(every) - set(no_fc1) == {"decoder.layers.0.fc1", "decoder.layers.1.fc1"}
+    no_emb = noise_targets(model, QuantNoiseConfig(pq=0.1, exclude="embed_tokens|output_projection"))
+    assert "decoder.embed_tokens" in every and not any("embed_tokens" in n or "output_projection" in n for n in no_emb)
