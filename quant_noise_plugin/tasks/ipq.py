@@ -11,6 +11,7 @@ The same tasks load compressed checkpoints for fairseq-eval-lm / fairseq-generat
 the plugin architectures rebuild the compressed layers from the checkpoint's own keys.
 """
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
+from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
@@ -204,6 +206,14 @@ class IPQTaskMixin:
             loss *= 0
         optimizer.backward(loss)
         return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        """The distillation term in the logs ("distill", KL in bits per counted output), next to the criterion's loss."""
+        super().reduce_metrics(logging_outputs, criterion)
+        if any("distill" in log for log in logging_outputs):
+            total = sum(log.get("distill", 0.0) for log in logging_outputs)
+            size = sum(log.get("sample_size", 0) for log in logging_outputs)
+            metrics.log_scalar("distill", total / max(size, 1) / math.log(2), size, round=4)
 
     def _teacher_output(self, sample):
         """The teacher's output for what the criterion asks of the student (overridden per task)."""
