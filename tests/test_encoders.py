@@ -131,6 +131,8 @@ d = hub.task.source_dictionary
 a, b = d.encode_line("And God said , Let there be light", add_if_not_exist=False), d.encode_line("and there was light .", add_if_not_exist=False)
 tokens = torch.cat([torch.tensor([0]), a, torch.tensor([2]), b]).long()
 print("probs", hub.predict("sentence_classification_head", tokens).exp().tolist())
+other = torch.cat([torch.tensor([0]), b, torch.tensor([2]), d.encode_line("In the beginning", add_if_not_exist=False)]).long()
+print("other", hub.predict("sentence_classification_head", other).exp().tolist())
 """
 
 
@@ -138,10 +140,15 @@ def test_the_compressed_classifier_loads_in_the_hub(encoder_runs, tmp_path):
     root, cls, _ = encoder_runs
     packed = tmp_path / "packed.pt"
     run(["quant-noise", "pack", root / "ipq" / "checkpoint_last.pt", packed])
+    predicted = []
     for path in (root / "ipq" / "checkpoint_last.pt", packed):
         out = run([sys.executable, "-c", HUB, path.parent, path.name, cls, PLUGIN]).output
-        probs = json.loads([line for line in out.splitlines() if line.startswith("probs ")][0][6:])[0]
+        probs, other = (json.loads([line for line in out.splitlines() if line.startswith(tag)][0][6:])[0] for tag in ("probs ", "other "))
         assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-4
+        assert max(abs(p - q) for p, q in zip(probs, other)) > 1e-4  # the head reads its input pair
+        predicted.append(probs)
+    # the packed file (fp16 centroids) predicts what the iPQ training checkpoint predicts
+    assert max(abs(p - q) for p, q in zip(*predicted)) < 5e-3
 
 
 def test_shipped_encoder_schedules_plan_on_the_small_preset(tmp_path):

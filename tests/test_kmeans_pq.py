@@ -35,6 +35,18 @@ def test_faiss_kmeans_uses_every_block_and_is_deterministic():
     assert torch.bincount(a.assignments, minlength=256).min() > 0  # no empty cluster left
 
 
+def test_faiss_kmeans_centroids_are_the_means_of_all_their_blocks():
+    """20,000 blocks, 16 centroids: faiss would train on 16 x 256 sampled blocks by default; every
+    converged centroid must be the mean of all the blocks assigned to it, not of a sample."""
+    g = torch.Generator().manual_seed(0)
+    centers = 10 * torch.randn(16, 8, generator=g)
+    x = centers[torch.arange(20000) % 16] + torch.randn(20000, 8, generator=g)
+    result = kmeans(x, 16, n_iter=50, seed=0, backend="faiss")
+    for c in range(16):
+        members = x[result.assignments == c]
+        assert torch.allclose(result.centroids[c], members.mean(0), atol=1e-4), c
+
+
 def test_kmeans_handles_duplicate_points_and_rejects_too_many_centroids():
     x = torch.zeros(100, 4)
     x[50:] = 1.0
