@@ -90,3 +90,15 @@ def test_demo_script_end_to_end_on_the_smoke_preset(tiny_data, tmp_path):
     assert packed_mb < dense_mb / 2 and "preset smoke" in summary
     again = run([sys.executable, REPO / "scripts/demo.py", "--preset", "smoke", "--data", tiny_data, "--work", tmp_path / "work"]).output
     assert "--task language_modeling" not in again and "[done]" in again  # a rerun reuses the finished runs
+
+
+def test_bleu_reads_every_hypothesis_of_fairseq_generate_in_any_order():
+    from experiments.metrics import bleu_of_generate
+
+    refs = ["y el dios dijo sea la luz", "en el principio creó dios los cielos y la tierra"]
+    output = f"S-1\tx\nH-1\t-0.2\t{refs[1]}\nD-1\t-0.2\t{refs[1]}\nD-0\t-0.1\t{refs[0]}\n"
+    assert bleu_of_generate(output, refs) == pytest.approx(100.0)
+    worse = output.replace(f"D-0\t-0.1\t{refs[0]}", "D-0\t-0.1\ty el dios dijo")
+    assert 0 < bleu_of_generate(worse, refs) < 100
+    with pytest.raises(SystemExit, match="1 hypotheses for 2 references"):
+        bleu_of_generate(f"D-1\t-0.2\t{refs[1]}\n", refs)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List
 
 from .runs import Runner
 from .shell import PLUGIN, sh
@@ -32,18 +33,26 @@ def accuracy(runner: Runner, path: Path, subset: str) -> float:
 
 def bleu(runner: Runner, path: Path, subset: str) -> float:
     """sacrebleu on fairseq-generate's detokenized output (beam 4) against the raw references."""
-    import sacrebleu
-
     mt = runner.data / "mt"
     out = sh(["fairseq-generate", mt / "bin", "--user-dir", PLUGIN, "--path", path, "--gen-subset", subset, *runner.device_flags(),
               "--beam", 4, "--max-tokens", 4000, "--bpe", "sentencepiece", "--sentencepiece-model", mt / "spm.bpe.model"])
+    refs = (mt / "raw" / f"{subset}.es").read_text(encoding="utf-8").splitlines()
+    return bleu_of_generate(out, refs)
+
+
+def bleu_of_generate(output: str, refs: List[str]) -> float:
+    """Corpus BLEU of fairseq-generate's "D-<index>" lines (any order) against ``refs``; every
+    reference must have its hypothesis, or the score would silently count missing ones as empty."""
+    import sacrebleu
+
     hyps = {}
-    for line in out.splitlines():
+    for line in output.splitlines():
         if line.startswith("D-"):
             idx, _, text = line[2:].split("\t", 2)
             hyps[int(idx)] = text
-    refs = (mt / "raw" / f"{subset}.es").read_text(encoding="utf-8").splitlines()
-    return sacrebleu.corpus_bleu([hyps.get(i, "") for i in range(len(refs))], [refs]).score
+    if sorted(hyps) != list(range(len(refs))):
+        raise SystemExit(f"fairseq-generate gave {len(hyps)} hypotheses for {len(refs)} references: not scored")
+    return sacrebleu.corpus_bleu([hyps[i] for i in range(len(refs))], [refs]).score
 
 
 EVALUATE = {"lm": perplexity, "mt": bleu, "cls": accuracy}
