@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .activations import OBSERVERS
 
     parser = argparse.ArgumentParser(prog="quant-noise", description="Quant-Noise + iPQ compression for fairseq models")
+    parser.add_argument("--verbose", action="store_true", help="also show fairseq's own log lines (import notices, dictionaries)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("size", help="per-layer size table and totals of a checkpoint")
@@ -328,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "json", False)  # keep stdout machine-readable
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # a command's output is its own: fairseq's import chatter and dictionary lines only with --verbose
+    logging.basicConfig(level=logging.INFO if args.verbose and not quiet else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)  # fairseq configured the root logger at import
+    logging.getLogger("fairseq").setLevel(logging.NOTSET if args.verbose else logging.WARNING)
+    for own in ("quant_noise", "quant_noise_plugin"):
+        logging.getLogger(own).setLevel(logging.WARNING if quiet else logging.INFO)
     from .checkpoints import CheckpointError
     from .schedule import ScheduleError
 

@@ -141,3 +141,15 @@ def test_distillation_from_the_uncompressed_model(lm_data, dense_lm, schedule_fi
     weights = [torch.load(tmp_path / run / "checkpoint_last.pt", weights_only=False)["model"] for run in ("kd", "weak")]
     centroids = [k for k in weights[0] if k.endswith("weight_pq.centroids")]
     assert centroids and max((weights[0][k] - weights[1][k]).abs().max().item() for k in centroids) > 1e-6
+
+
+def test_quant_noise_commands_print_their_own_lines_only(ipq, lm_data, tmp_path):
+    """No fairseq import notice or dictionary line before a command's own output, unless --verbose."""
+    save, _ = ipq
+    checkpoint = save / "checkpoint_last.pt"
+    for cmd in (["size", checkpoint], ["pack", checkpoint, tmp_path / "p.pt"], ["unpack", checkpoint, tmp_path / "u.pt"]):
+        out = run(["quant-noise", *cmd, "--data", lm_data]).output
+        assert "tensorboardX" not in out and "dictionary:" not in out and "INFO" not in out, out[:500]
+        assert out.strip()  # each says what it did
+    verbose = run(["quant-noise", "--verbose", "size", checkpoint, "--data", lm_data]).output
+    assert "dictionary: " in verbose
