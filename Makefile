@@ -11,7 +11,7 @@ setup: $(STAMP)
 # torch is pinned to 2.13.0 in setup.py and installed first, so pip takes the local CPU wheel and
 # nothing can pull another torch build; fairseq-fixed compiles once (~5 min), then pip's cache is used.
 $(STAMP): setup.py
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (the stack is Python 3.11)"; exit 1; }
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11, or pass PYTHON=/path/to/python3.11 (make demo PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "torch==2.13.0"
