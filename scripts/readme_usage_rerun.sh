@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Reruns the README's "Using it" section command by command, as written, on a model of a non-default
+# Reruns the usage reference (docs/usage.md) command by command, as written, on a model of a non-default
 # shape (2 layers, 128 wide, untied embeddings, PQ block size 4, --tokens-per-sample 64, its own YAML
 # schedule), a few updates each. The README's "..." become a short budget; nothing else is added.
 # Every command's exit status and key output line go to the log; the first failure stops the run.
 #
-#     PATH=$PWD/.venv/bin:$PATH bash scripts/readme_usage_rerun.sh [WORK_DIR]   (~10 min on 2 cores)
+# The venv is activated the way the README tells a user to (`source .venv/bin/activate`), nothing else.
+#
+#     bash scripts/readme_usage_rerun.sh [WORK_DIR]   (~10 min on 2 cores, after `make test` or `make demo`)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-$(mktemp -d)}
 mkdir -p "$W"
 cd "$REPO"
+# shellcheck disable=SC1091
+source .venv/bin/activate
 P=quant_noise_plugin
 SHORT=(--optimizer adam --lr 0.0005 --lr-scheduler inverse_sqrt --warmup-updates 10 --max-tokens 1024 --cpu
        --no-epoch-checkpoints --log-format simple --log-interval 10 --num-workers 0)
@@ -18,7 +22,8 @@ N=0
 # run TITLE PATTERN CMD...: runs CMD (its full output in $W/step-N.log), prints the lines matching PATTERN
 run() {
     local title=$1 pattern=$2; shift 2; N=$((N + 1))
-    echo; echo "### $N. $title"; echo "\$ $*"
+    local shown="$*"; shown=${shown//$W/\$W}; shown=${shown//$REPO/\$PWD}   # no machine's path in the log
+    echo; echo "### $N. $title"; echo "\$ $shown"
     local rc=0; "$@" > "$W/step-$N.log" 2>&1 || rc=$?
     if [ $rc -ne 0 ]; then echo "FAILED (exit $rc):"; tail -20 "$W/step-$N.log"; exit 1; fi
     grep -E "$pattern" "$W/step-$N.log" | tail -4 || true
