@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -35,6 +36,10 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged zip member, an unknown class...
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if unsafe:  # refused by the allow-list, never unpickled
+            raise CheckpointError(f"{path}: holds a {unsafe.group(1)} object, which the safe loader (weights_only=True) refuses: "
+                                  f"not a fairseq or quant-noise checkpoint") from None
         raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0][:200]}); re-create or re-copy it") from None
     if not isinstance(state, dict) or "model" not in state or ("cfg" not in state and "args" not in state):
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no model/cfg entries)")

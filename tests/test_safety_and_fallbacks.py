@@ -1,0 +1,77 @@
+"""Behaviours a user relies on without seeing them: the safe loader's allow-list, the int8 saturation
+fallback, int4 files through fairseq-eval-lm, the shipped LM schedules on the presets' models."""
+import argparse
+import datetime
+import sys
+
+import pytest
+import torch
+
+from conftest import PLUGIN, REPO, eval_lm_ppl, run
+
+
+def test_safe_load_allows_fairseq_namespaces_and_refuses_any_other_class(tmp_path):
+    from quant_noise_plugin.checkpoints import CheckpointError, read_checkpoint
+
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "cfg": {"model": argparse.Namespace(arch="transformer_lm")}}, good)
+    assert read_checkpoint(good)["cfg"]["model"].arch == "transformer_lm"
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "cfg": {}, "when": datetime.date(2026, 1, 1)}, bad)
+    with pytest.raises(CheckpointError, match=r"bad\.pt: holds a datetime\.date object, which the safe loader \(weights_only=True\) refuses"):
+        read_checkpoint(bad)
+
+
+def test_int8_kernels_are_switched_off_when_the_cpu_saturates(monkeypatch):
+    """Without VNNI, uint8 x int8 pair sums may saturate in int16: the probe must see it and fall back."""
+    from quant_noise_plugin import int8_linear
+
+    real = int8_linear._onednn_linear
+    int8_linear._kernel_works.cache_clear()
+    try:
+        if not int8_linear._kernel_works():
+            pytest.skip("this torch build has no working oneDNN int8 kernel: nothing to switch off")
+
+        def saturating(q, scale, zero_point, packed, weight_scales, bias):  # what an int16 accumulator does
+            out = real(q, scale, zero_point, packed, weight_scales, bias)
+            return torch.clamp(out, max=32767 * scale * float(weight_scales.max()))
+
+        monkeypatch.setattr(int8_linear, "_onednn_linear", saturating)
+        int8_linear._kernel_works.cache_clear()
+        assert not int8_linear._kernel_works() and not int8_linear.int8_kernels_enabled()
+    finally:
+        int8_linear._kernel_works.cache_clear()
+
+
+def test_int4_pack_reloads_in_fairseq_eval_lm(dense_lm, lm_data, tmp_path):
+    int8, int4 = tmp_path / "int8.pt", tmp_path / "int4.pt"
+    run(["quant-noise", "pack", dense_lm, int8, "--scalar-bits", "8"])
+    run(["quant-noise", "pack", dense_lm, int4, "--scalar-bits", "4"])
+    assert int4.stat().st_size < 0.75 * int8.stat().st_size
+    dense = eval_lm_ppl(lm_data, dense_lm, "--user-dir", PLUGIN)
+    four = eval_lm_ppl(lm_data, int4, "--user-dir", PLUGIN)
+    assert four != dense and abs(four / dense - 1) < 0.1  # int4 is lossy, not broken
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_shipped_lm_schedules_match_the_presets_model(preset, tmp_path):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from quant_noise_plugin.schedule import load_schedule, plan_schedule
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from experiments.grid import load_grid
+
+    lm = load_grid().presets[preset].lm
+    data = tmp_path / "lm"
+    data.mkdir()
+    (data / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(3000)))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(data), "--user-dir", PLUGIN, "--task", "language_modeling", *lm.arch, "--cpu"])
+    model = tasks.setup_task(convert_namespace_to_omegaconf(args).task).build_model(convert_namespace_to_omegaconf(args).model)
+    for column, path in lm.schedules.items():
+        plans = plan_schedule(load_schedule(REPO / path), model, path)
+        names = {n for stage in plans for layer in stage.layers for n in layer.names}
+        assert "decoder.embed_tokens" in names and "decoder.layers.3.fc2" in names, column
+        assert "decoder.layers.0.self_attn.q_proj" in names, column
