@@ -37,12 +37,15 @@ def eval_lm(path: Path, subset: str) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", nargs="*", help="quick-preset LM rows whose cached runs to use (e.g. none)")
     parser.add_argument("--runs", nargs="*", help="training run directories (checkpoint_last.pt inside; default: the reproduction's LM runs)")
     parser.add_argument("--batches", type=int, default=32, help="calibration batches")
     parser.add_argument("--ipq-only", action="store_true", help="only the iPQ models (ipq+w8a8)")
     args = parser.parse_args()
     work = REPO / "work_dirs" / "reproduce"
     runs = [Path(r) for r in args.runs] if args.runs else sorted(p for p in work.glob("lm-train-*") if (p / "DONE").exists())
+    if args.rows:
+        runs = [QUICK.train_command("lm", row)[1] for row in args.rows]
     models = []
     for run in runs:
         ipq = sorted(p for p in work.glob(f"{run.name}-ipq-*") if (p / "DONE").exists())

@@ -31,13 +31,10 @@ from experiments.shell import sh  # noqa: E402
 WORK = REPO / "work_dirs" / "reproduce"
 
 
-def demo_checkpoints():
-    """The demo's iPQ and dense training checkpoints, where `make demo` leaves them."""
-    grid = load_grid()
-    demo = grid.experiments["demo"]
-    runner = Runner(grid, demo.preset, None, WORK, REPO / "data")
-    return (runner.ipq_command(demo.task, demo.modes[0])[1] / "checkpoint_last.pt",
-            runner.train_command(demo.task, demo.modes[0])[1] / "checkpoint_last.pt")
+def row_checkpoints(preset: str, row: str):
+    """A grid row's iPQ and dense training checkpoints, where `make demo` / `make reproduce` leave them."""
+    runner = Runner(load_grid(), preset, None, WORK, REPO / "data")
+    return (runner.ipq_command("lm", row)[1] / "checkpoint_last.pt", runner.train_command("lm", row)[1] / "checkpoint_last.pt")
 
 
 def pack(src: Path, dst: Path, *flags) -> None:
@@ -69,10 +66,13 @@ def evaluate(path: Path, env=None):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per checkpoint; the best speed is kept")
-    parser.add_argument("--ipq", type=Path, help="the iPQ checkpoint (default: the demo's)")
+    parser.add_argument("--preset", default="quick", help="with --row: the grid preset (default quick)")
+    parser.add_argument("--row", help="an LM row of the grid (e.g. none) whose cached runs to use (default: the demo's row)")
+    parser.add_argument("--ipq", type=Path, help="the iPQ checkpoint (default: the row's)")
     parser.add_argument("--trained", type=Path, help="the dense training checkpoint (default: the demo's)")
     args = parser.parse_args()
-    demo_ipq, demo_trained = demo_checkpoints()
+    row = args.row or load_grid().experiments["demo"].modes[0]
+    demo_ipq, demo_trained = row_checkpoints(args.preset, row)
     ipq, trained = [args.ipq or demo_ipq], [args.trained or demo_trained]
     for path in ipq + trained:
         if not path.is_file():
