@@ -102,3 +102,26 @@ def test_bleu_reads_every_hypothesis_of_fairseq_generate_in_any_order():
     assert 0 < bleu_of_generate(worse, refs) < 100
     with pytest.raises(SystemExit, match="1 hypotheses for 2 references"):
         bleu_of_generate(f"D-1\t-0.2\t{refs[1]}\n", refs)
+
+
+def test_a_users_run_never_writes_the_shipped_results(tiny_data, tmp_path):
+    """Without --results, tables go under the work folder; results/ (what the docs cite) is left as it was."""
+    def shipped_state():
+        return run(["git", "status", "--porcelain", "--", "results"]).output, sorted(
+            (p.name, p.stat().st_mtime_ns) for p in (REPO / "results").rglob("*"))
+
+    before = shipped_state()
+    run([sys.executable, REPO / "scripts/reproduce.py", "--preset", "smoke", "--lm-modes", "none", "--lm-columns", "fp32",
+         "--mt-modes", "--cls-modes", "--data", tiny_data, "--work", tmp_path / "work"])
+    assert (tmp_path / "work" / "results" / "lm_kjv.md").exists()
+    assert shipped_state() == before
+
+
+def test_accuracy_is_read_from_its_own_subsets_line():
+    from experiments.metrics import accuracy_of_validate
+
+    output = ("2026-11-29 | INFO | valid | valid on 'valid' subset | loss 1.585 | nll_loss 0 | accuracy 41.2 | wps 9\n"
+              "2026-11-29 | INFO | valid | valid on 'test' subset | loss 1.602 | nll_loss 0 | accuracy 38.7 | wps 9\n")
+    assert accuracy_of_validate(output, "test") == 38.7 and accuracy_of_validate(output, "valid") == 41.2
+    with pytest.raises(SystemExit, match="no accuracy for the test subset"):
+        accuracy_of_validate(output.splitlines()[0], "test")

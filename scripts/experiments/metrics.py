@@ -27,8 +27,15 @@ def accuracy(runner: Runner, path: Path, subset: str) -> float:
     """fairseq-validate's accuracy (the sentence_prediction criterion logs it)."""
     out = sh(["fairseq-validate", runner.data / "cls" / "bin", "--user-dir", PLUGIN, "--path", path, "--valid-subset", subset,
               *runner.grid.tasks["cls"].train, *runner.length_flags("cls"), "--max-tokens", 8192, *runner.device_flags()])
-    line = [line for line in out.splitlines() if f"valid on '{subset}' subset" in line][-1]
-    return float(line.split("| accuracy ")[1].split(" |")[0])
+    return accuracy_of_validate(out, subset)
+
+
+def accuracy_of_validate(output: str, subset: str) -> float:
+    """The accuracy fairseq-validate logs for ``subset`` (its own line, not another subset's or a loss)."""
+    lines = [line for line in output.splitlines() if f"valid on '{subset}' subset" in line and "| accuracy " in line]
+    if not lines:
+        raise SystemExit(f"fairseq-validate logged no accuracy for the {subset} subset")
+    return float(lines[-1].split("| accuracy ")[1].split(" |")[0])
 
 
 def bleu(runner: Runner, path: Path, subset: str) -> float:
