@@ -19,6 +19,12 @@ SHORT=(--optimizer adam --lr 0.0005 --lr-scheduler inverse_sqrt --warmup-updates
        --no-epoch-checkpoints --log-format simple --log-interval 10 --num-workers 0)
 SHAPE=(--decoder-layers 2 --decoder-embed-dim 128 --decoder-ffn-embed-dim 256 --decoder-attention-heads 4)
 N=0
+# The README's quick start, verbatim: the bash block that follows `source .venv/bin/activate` in "Using it"
+python - > "$W/readme_quickstart.sh" <<'PY'
+import re
+section = open("README.md", encoding="utf-8").read().split("## Using it", 1)[1]
+print(re.findall(r"```bash\n(.*?)```", section, re.S)[1])
+PY
 # run TITLE PATTERN CMD...: runs CMD (its full output in $W/step-N.log), prints the lines matching PATTERN
 run() {
     local title=$1 pattern=$2; shift 2; N=$((N + 1))
@@ -29,6 +35,8 @@ run() {
     grep -E "$pattern" "$W/step-$N.log" | tail -4 || true
 }
 
+run "README quick start, verbatim ($W/readme_quickstart.sh)" "Perplexity|compression ratio|done training|packed " \
+    bash -e "$W/readme_quickstart.sh"
 run "Quant-Noise training, plugin arch" "quant-noise:|num. model params|done training" \
     fairseq-train data/lm/bin --user-dir $P --task language_modeling --tokens-per-sample 64 \
     --arch qn_transformer_lm "${SHAPE[@]}" --quant-noise-pq 0.1 --quant-noise-pq-block-size 4 \
