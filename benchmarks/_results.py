@@ -10,6 +10,9 @@ def write_result(name: str, title: str, table: str, notes: str, data) -> None:
     """Print the table and write results/<name>.md and results/<name>.json."""
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    command = "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    sys.path.insert(0, str(RESULTS.parent / "scripts"))
+    from experiments.provenance import commit, portable
+
+    command = "python " + portable(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
-    (RESULTS / f"{name}.md").write_text(f"# {title}\n\n{notes}\n\n{table}\n\nCommand: `{command}`\n")
+    (RESULTS / f"{name}.md").write_text(f"# {title}\n\n{notes}\n\n{table}\n\nCommand: `{command}` (commit {commit()})\n")
