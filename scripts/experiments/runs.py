@@ -72,8 +72,9 @@ class Runner:
         return ["--cpu"] if self.device == "cpu" else []
 
     def normalized(self, cmd: List) -> List[str]:
-        """A command as a cache key sees it: data, work and plugin folders as placeholders, the device left out."""
-        swap = {str(self.data): "DATA", str(self.work): "WORK", PLUGIN: "PLUGIN"}
+        """A command as a cache key sees it: data, work, plugin and repository folders as placeholders (a moved
+        clone keeps its cache), the device left out."""
+        swap = {str(self.data): "DATA", str(self.work): "WORK", PLUGIN: "PLUGIN", str(REPO): "REPO"}  # most specific first
         out = [str(c) for c in cmd if c not in self.device_flags()]
         for old, new in swap.items():
             out = [c.replace(old, new) for c in out]
