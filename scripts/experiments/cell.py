@@ -21,8 +21,8 @@ def device_name(device: str) -> str:
 def cell(runner: Runner, cells: Cells, task: str, mode: str, column: str, command: str, compute: bool = True) -> Optional[dict]:
     """The cell's cached result, else (when ``compute``) train / compress / evaluate what it needs."""
     seed = runner.preset.seed
-    _, out, _ = runner.compressed_path(task, mode, column)
-    identity = [out.name]  # the file names its whole chain: training command, schedule, packing flags
+    _, out, flags = runner.compressed_path(task, mode, column)
+    identity = [out.name, runner.normalized(flags)]  # the file's name keys its chain (training command, schedule)
     cached = cells.get(task, mode, column, seed, identity, render_only=not compute)
     if cached is not None:
         print(f"[cached] {task} {mode} {column} seed {seed}")

@@ -146,8 +146,9 @@ class Runner:
         else:
             source, packing = self.ipq_command(task, mode, method)[1], suffix or None
         flags = self.pack_flags(task, packing)
-        tag = column.replace("+", "_") + (f"-{key(self.normalized(flags))}" if flags else "")
-        return source / "checkpoint_last.pt", source.parent / f"{source.name}-{tag}.pt", flags
+        # named by the run and the column only: torch stores the file's name in each zip record, so a longer
+        # name is a bigger file; packing flags are in the cell's key, and the file is rewritten for each cell
+        return source / "checkpoint_last.pt", source.parent / f"{source.name}-{column.replace('+', '_')}.pt", flags
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -191,6 +192,6 @@ class Runner:
         cmd = ["quant-noise", "unpack", source, out] if column == "fp32" else ["quant-noise", "pack", source, out, *flags]
         if self.dry_run:
             self.show(cmd)
-        elif not out.exists():
-            sh(cmd)
+        else:
+            sh(cmd)  # never a stale file: packing is seconds, and a column's flags may have changed in columns.yaml
         return out
