@@ -32,10 +32,10 @@ run() {
     echo; echo "### $N. $title"; echo "\$ $shown"
     local rc=0; "$@" > "$W/step-$N.log" 2>&1 || rc=$?
     if [ $rc -ne 0 ]; then echo "FAILED (exit $rc):"; tail -20 "$W/step-$N.log"; exit 1; fi
-    grep -E "$pattern" "$W/step-$N.log" | tail -4 || true
+    grep -E "$pattern" "$W/step-$N.log" | tail -4 | sed -e "s#$W#\$W#g" -e "s#$REPO#\$PWD#g" || true
 }
 
-run "README quick start, verbatim ($W/readme_quickstart.sh)" "Perplexity|compression ratio|done training|packed " \
+run "README quick start, verbatim" "Perplexity|compression ratio|done training|packed " \
     bash -e "$W/readme_quickstart.sh"
 run "Quant-Noise training, plugin arch" "quant-noise:|num. model params|done training" \
     fairseq-train data/lm/bin --user-dir $P --task language_modeling --tokens-per-sample 64 \
@@ -78,7 +78,7 @@ run "eval-lm on the iPQ checkpoint (the model's own --tokens-per-sample)" "Evalu
 echo; echo "### eval-lm with eval-lm's default --tokens-per-sample: must stop in one line"
 if fairseq-eval-lm data/lm/bin --user-dir $P --path "$W/ipq/checkpoint_last.pt" --cpu > "$W/guard.log" 2>&1; then
     echo "UNEXPECTED: exit 0"; tail -3 "$W/guard.log"; exit 1; fi
-tail -1 "$W/guard.log"
+tail -1 "$W/guard.log" | sed -e "s#$W#\$W#g" -e "s#$REPO#\$PWD#g"
 run "generate on the translation checkpoint" "BLEU|Generate test" \
     fairseq-generate data/mt/bin --user-dir $P --path "$W/mt/checkpoint_last.pt" --bpe sentencepiece \
     --sentencepiece-model data/mt/spm.bpe.model --beam 2 --batch-size 64 --cpu --max-len-b 20
