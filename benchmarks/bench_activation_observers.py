@@ -20,15 +20,10 @@ from _results import write_result  # noqa: E402
 from experiments.grid import load_grid  # noqa: E402
 from experiments.metrics import perplexity  # noqa: E402
 from experiments.runs import Runner  # noqa: E402
-from experiments.shell import sh  # noqa: E402
+from experiments.shell import pack_once as pack  # noqa: E402
 
 OBSERVERS = ("minmax", "percentile", "mse")
 QUICK = Runner(load_grid(), "quick", None, REPO / "work_dirs" / "reproduce", REPO / "data")  # its evaluation settings
-
-
-def pack(src: Path, dst: Path, *flags) -> None:
-    if not dst.exists():
-        sh(["quant-noise", "pack", src, dst, *flags])
 
 
 def eval_lm(path: Path, subset: str) -> float:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from _results import write_result  # noqa: E402
 from experiments.grid import load_grid  # noqa: E402
 from experiments.runs import Runner  # noqa: E402
-from experiments.shell import sh  # noqa: E402
+from experiments.shell import pack_once as pack  # noqa: E402
 
 WORK = REPO / "work_dirs" / "reproduce"
 
@@ -35,11 +35,6 @@ def row_checkpoints(preset: str, row: str):
     """A grid row's iPQ and dense training checkpoints, where `make demo` / `make reproduce` leave them."""
     runner = Runner(load_grid(), preset, None, WORK, REPO / "data")
     return (runner.ipq_command("lm", row)[1] / "checkpoint_last.pt", runner.train_command("lm", row)[1] / "checkpoint_last.pt")
-
-
-def pack(src: Path, dst: Path, *flags) -> None:
-    if not dst.exists():
-        sh(["quant-noise", "pack", src, dst, *flags])
 
 EVAL = """
 import resource, sys
@@ -69,7 +64,7 @@ def main():
     parser.add_argument("--preset", default="quick", help="with --row: the grid preset (default quick)")
     parser.add_argument("--row", help="an LM row of the grid (e.g. none) whose cached runs to use (default: the demo's row)")
     parser.add_argument("--ipq", type=Path, help="the iPQ checkpoint (default: the row's)")
-    parser.add_argument("--trained", type=Path, help="the dense training checkpoint (default: the demo's)")
+    parser.add_argument("--trained", type=Path, help="the dense training checkpoint (default: the row's)")
     args = parser.parse_args()
     row = args.row or load_grid().experiments["demo"].modes[0]
     demo_ipq, demo_trained = row_checkpoints(args.preset, row)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiments.cache import write_atomic  # noqa: E402
-from experiments.grid import REPO, load_grid  # noqa: E402
+from experiments.grid import REPO, load_grid, shown  # noqa: E402
 from experiments.metrics import perplexity  # noqa: E402
 from experiments.provenance import commit, portable  # noqa: E402
 from experiments.runs import Runner  # noqa: E402
@@ -76,8 +76,7 @@ def main(argv=None) -> None:
         f"Perplexity change from iPQ: {100 * (ppl_packed / ppl_dense - 1):+.1f}%.\n"
     )
     print("\n" + table + footer)
-    print(f"checkpoints: {dense_fp32.relative_to(REPO) if dense_fp32.is_relative_to(REPO) else dense_fp32} (dense fp32), "
-          f"{packed.relative_to(REPO) if packed.is_relative_to(REPO) else packed} (iPQ packed)")
+    print(f"checkpoints: {shown(dense_fp32)} (dense fp32), {shown(packed)} (iPQ packed)")
     out = Path(args.results or Path(args.work) / "results") / "demo.md"
     command = "scripts/demo.py " + portable(sys.argv[1:] if argv is None else argv)
     write_atomic(out, f"# make demo (KJV LM, {arch}, preset {args.preset}, row {mode})\n\n{table}\n{footer}\n"

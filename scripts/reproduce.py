@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # cls_baselines, read for the classifier table
 from experiments.ablation import render_ablation  # noqa: E402
 from experiments.cache import Cells, write_atomic  # noqa: E402
 from experiments.cell import cell  # noqa: E402
@@ -140,7 +141,6 @@ def write_outputs(results: List[dict], table: str, selection: Dict, runner: Runn
     for task in tasks:
         baselines = ""
         if task == "cls":
-            sys.path.insert(0, str(REPO / "benchmarks"))
             from cls_baselines import baselines as cls_baselines
 
             baselines = cls_baselines_text(cls_baselines(runner.data))

@@ -7,7 +7,8 @@ from typing import List
 
 from .metrics import metric_of
 from .runs import Runner
-from .tables import command_line, group, legend, provenance, seeds_text, shown
+from .provenance import portable
+from .tables import command_line, group, legend, provenance, seeds_text
 
 
 def render_ablation(results: List[dict], task: str, modes: List[str], columns: List[str], runner: Runner, seeds: List[int],
@@ -49,7 +50,7 @@ def render_ablation(results: List[dict], task: str, modes: List[str], columns: L
         f"(shown for the rows of that total budget only; rows trained longer compare with `{control}`'s own iPQ columns).\n\n"
         + "\n\n".join(out) +
         f"\n\nModes:\n{legend(runner, task, modes)}\n\nColumns: fp32 = the dense model; "
-        + ", ".join(f"{c} = `{shown(runner.schedule(task, c))}`" for c in schedules if c in columns) +
+        + ", ".join(f"{c} = `{portable([runner.schedule(task, c)])}`" for c in schedules if c in columns) +
         f" (packed, bytes on disk as in the main tables).\n\nArch `{' '.join(getattr(p, task).arch)}`, --max-tokens {p.max_tokens}.\n\n"
         f"Cells computed by:\n{provenance(c for rs in cells.values() for c in rs)}\n\n" + command_line(command)
     )

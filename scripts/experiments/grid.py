@@ -111,10 +111,11 @@ def _load(path: Path) -> DictConfig:
 
 def _entries(path: Path, node: DictConfig, schema, prefix: str = "") -> dict:
     """Type-check each entry on its own, so an error names it (`lm.yaml: modes.none: key flags: ...`)."""
-    return {str(name): _typed(value, schema, f"{_shown(path)}: {prefix}{name}") for name, value in node.items()}
+    return {str(name): _typed(value, schema, f"{shown(path)}: {prefix}{name}") for name, value in node.items()}
 
 
-def _shown(path: Path) -> str:
+def shown(path: Path) -> str:
+    """A path for messages: relative to the repository when inside it."""
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
@@ -163,11 +164,11 @@ def load_grid(configs: Path = CONFIGS) -> Grid:
         node = _load(path)
         modes = _entries(path, node.pop("modes", OmegaConf.create({})), Mode, "modes.")
         tables = _entries(path, node.pop("tables", OmegaConf.create({})), Table, "tables.")
-        tasks[task] = _typed(node, Task, _shown(path))
+        tasks[task] = _typed(node, Task, shown(path))
         tasks[task].modes, tasks[task].tables = modes, tables
     grid = Grid(presets, packings, tasks, experiments)
     for task, spec in tasks.items():
-        where = _shown(configs / f"{task}.yaml")
+        where = shown(configs / f"{task}.yaml")
         for name, mode in spec.modes.items():
             if mode.base is not None and mode.base not in spec.modes:
                 raise GridError(f"{where}: modes.{name}: key base: unknown mode {mode.base!r}")
@@ -183,11 +184,11 @@ def load_grid(configs: Path = CONFIGS) -> Grid:
         for task in TASKS:
             for column, path in getattr(preset, task).schedules.items():
                 if "+" in column or column == "fp32" or column in packings:
-                    raise GridError(f"{_shown(configs / 'presets.yaml')}: {name}.{task}.schedules: {column!r} is not a schedule column name")
+                    raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.schedules: {column!r} is not a schedule column name")
                 if not (REPO / path).is_file():
-                    raise GridError(f"{_shown(configs / 'presets.yaml')}: {name}.{task}.schedules.{column}: no such file {path}")
+                    raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.schedules.{column}: no such file {path}")
     for name, exp in experiments.items():
-        where = f"{_shown(configs / 'experiments.yaml')}: {name}"
+        where = f"{shown(configs / 'experiments.yaml')}: {name}"
         if exp.preset not in presets or exp.task not in TASKS:
             raise GridError(f"{where}: unknown preset {exp.preset!r} or task {exp.task!r}")
         try:

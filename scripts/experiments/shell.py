@@ -41,6 +41,12 @@ def sh(cmd: List, log: Optional[Path] = None) -> str:
     return output
 
 
+def pack_once(src: Path, dst: Path, *flags) -> None:
+    """`quant-noise pack SRC DST FLAGS...` unless DST exists (benchmarks rerun on the same files)."""
+    if not dst.exists():
+        sh(["quant-noise", "pack", src, dst, *flags])
+
+
 def size_report(path: Path) -> dict:
     """`quant-noise size PATH --json`."""
     out = subprocess.run([str(BIN / "quant-noise"), "size", str(path), "--json"], capture_output=True, text=True, cwd=REPO, check=True).stdout

@@ -3,12 +3,10 @@ disk and ratio to fp32; with several seeds their mean, then each. Pure text from
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
-from .grid import REPO
 from .metrics import metric_of
-from .provenance import commit
+from .provenance import commit, portable
 from .runs import Runner
 
 TITLES = {"lm": "Perplexity on the KJV test split (lower is better)",
@@ -32,14 +30,10 @@ def group(results: List[dict], task: str) -> Dict[Tuple[str, str], List[dict]]:
     return cells
 
 
-def shown(path: Path) -> str:
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def schedules_text(runner: Runner, task: str, columns: Iterable[str]) -> str:
     """"ipq = `configs/ipq/...yaml`, ..." for the schedule columns shown."""
     methods = {c.partition("+")[0] for c in columns}
-    return ", ".join(f"{c} = `{shown(runner.schedule(task, c))}`" for c in getattr(runner.preset, task).schedules if c in methods)
+    return ", ".join(f"{c} = `{portable([runner.schedule(task, c)])}`" for c in getattr(runner.preset, task).schedules if c in methods)
 
 
 def provenance(cells: Iterable[dict]) -> str:
