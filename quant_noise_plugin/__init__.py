@@ -22,9 +22,11 @@ except ImportError:  # the math modules work without fairseq
 else:
     from .errors import install_one_line_errors
     from .safe_load import allow_fairseq_checkpoint_classes
+    from .torchrun_cpu import allow_torchrun_without_gpus
 
     allow_fairseq_checkpoint_classes()
     install_one_line_errors()
+    allow_torchrun_without_gpus()
     import warnings
 
     # fairseq's data iterator always asks for pinned memory; on a machine without a GPU torch warns on every

@@ -1,4 +1,4 @@
-"""The ``quant-noise`` command: size, schedule, pack, unpack, data."""
+"""The ``quant-noise`` command: size, inspect, schedule, pack, unpack, data."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +115,37 @@ def cmd_size(args) -> int:
         print()
     else:
         _print_size(summary)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """What computes each compressed layer on this machine (int8 kernel, float), and why."""
+    import torch
+
+    from .checkpoints import read_checkpoint
+    from .decoded import LOW_MEMORY_SWITCH, low_memory
+    from .inference import compute_report
+    from .int8_linear import KERNEL_SWITCH, kernel_support, kernel_switch
+
+    state = read_checkpoint(args.checkpoint)
+    model, _ = _load_model(state, args.checkpoint, args.data)
+    rows = compute_report(model)
+    support = kernel_support()
+    machine = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+               "int8_activation_bits": support.activation_bits, "int8_kernel": support.reason,
+               KERNEL_SWITCH: kernel_switch(), LOW_MEMORY_SWITCH: int(low_memory())}
+    if args.json:
+        json.dump({"machine": machine, "layers": rows}, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"this machine: {machine['cpu_capability']}, {machine['threads']} threads; int8 kernel: "
+          + (f"{support.activation_bits}-bit activations ({support.reason})" if support.activation_bits else f"none ({support.reason})"))
+    print(f"{KERNEL_SWITCH}={machine[KERNEL_SWITCH]}, {LOW_MEMORY_SWITCH}={machine[LOW_MEMORY_SWITCH]}")
+    header = f"{'layer':44s} {'weight':>18s} {'input':>6s} {'compute':>22s}  why"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['layer'][:44]:44s} {r['weight']:>18s} {r['input']:>6s} {r['compute']:>22s}  {r['why']}")
     return 0
 
 
@@ -245,7 +276,7 @@ def cmd_unpack(args) -> int:
     import torch
 
     from .checkpoints import PACKED_MARKER, read_checkpoint, use_stock_names, write_checkpoint_atomically
-    from .compressed import INPUT_CHILD, PROVIDER_CHILDREN, provider_of
+    from .providers import INPUT_CHILD, PROVIDER_CHILDREN, provider_of
     from .sizes import storage_key
 
     state = read_checkpoint(args.checkpoint)
@@ -293,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data directory with the dictionaries (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_size)
+
+    p = sub.add_parser("inspect", help="what computes each compressed layer on this machine (int8 kernel or float), and why")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="data directory with the dictionaries (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("schedule", help="show what an iPQ schedule would quantize, without training")
     p.add_argument("checkpoint")

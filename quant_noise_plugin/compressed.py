@@ -11,49 +11,21 @@ checkpoints: codes in the smallest integer type, fp32 centroids) and the packed 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .activations import ActivationQuantizer
-from .int8_linear import Int8LinearWeight, is_symmetric
+from .inference import provider_weight_fn
 from .pq import PQCodebook
+from .providers import INPUT_CHILD, PQ_CHILD, PROVIDER_CHILDREN, SCALAR_CHILD, is_fitted, provider_of  # noqa: F401  (the format's names)
 from .scalar import ScalarCodes
 from .schedule import LayerPlan, quantizable_weights
 from .weight_swap import add_weight_fn, materialize_attention_weights, route_attention_through_projections
 
-PQ_CHILD = "weight_pq"
-SCALAR_CHILD = "weight_int"
-PROVIDER_CHILDREN = (PQ_CHILD, SCALAR_CHILD)
-INPUT_CHILD = "input_quant"  # a Linear's int8 input quantization (ActivationQuantizer)
-
-
-def provider_of(module: nn.Module) -> Optional[nn.Module]:
-    for child in PROVIDER_CHILDREN:
-        if child in module._modules:
-            return module._modules[child]
-    return None
-
-
-def is_fitted(provider: nn.Module) -> bool:
-    return isinstance(provider, ScalarCodes) or bool(provider.fitted)
-
 
 # --- attaching providers ---------------------------------------------------------------------
-
-
-def _provider_weight_fn(module: nn.Module, provider: nn.Module):
-    """The layer's weight from its provider; with an input quantizer, the int8 form (int8_linear.py)."""
-
-    def weight(_stored: Optional[Tensor]) -> Optional[Tensor]:
-        if not getattr(provider, "_qn_fitted", True):
-            return None
-        if INPUT_CHILD in module._modules:
-            return int8_linear_weight(module, provider)
-        return provider()
-
-    return weight
 
 
 def _refresh_fitted_flag(provider: nn.Module, *args) -> None:
@@ -80,12 +52,11 @@ def _sync_dense_weight(module: nn.Module, incompatible_keys) -> None:
     weight = module._parameters.get("weight")
     if weight is not None and is_fitted(provider):
         weight.copy_(provider().to(weight.dtype))
-    module.__dict__.pop("_qn_int8_weight", None)  # rebuilt from the loaded codes at the next forward
 
 
 def attach_provider(module: nn.Module, child: str, provider: nn.Module) -> None:
     module.add_module(child, provider)
-    add_weight_fn(module, _provider_weight_fn(module, provider))
+    add_weight_fn(module, provider_weight_fn(module, provider))
     module.register_state_dict_post_hook(_drop_dense_weight)
     module.register_load_state_dict_pre_hook(_fill_dense_weight)
     module.register_load_state_dict_post_hook(_sync_dense_weight)
@@ -110,15 +81,20 @@ def attach_pq_plan(model: nn.Module, plan: LayerPlan) -> PQCodebook:
 
 @torch.no_grad()
 def fit_pq(model: nn.Module, plan: LayerPlan, n_iter: int, seed: int, backend: str = "auto") -> float:
-    """k-means the plan's weight into its codebook; every rank ends with rank 0's codebook."""
+    """k-means the plan's weight into its codebook. Under torch.distributed rank 0 runs the k-means and broadcasts
+    its centroids and codes (the other ranks would only compete for the same cores); returns rank 0's objective."""
     module = model.get_submodule(plan.name)
     codebook = provider_of(module)
-    objective = codebook.fit(module._parameters["weight"], n_iter=n_iter, seed=seed, backend=backend)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast(codebook.centroids.data, src=0)
-        torch.distributed.broadcast(codebook.codes, src=0)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    objective = torch.zeros(1, dtype=torch.float64)
+    if not distributed or torch.distributed.get_rank() == 0:
+        objective.fill_(codebook.fit(module._parameters["weight"], n_iter=n_iter, seed=seed, backend=backend))
+    if distributed:
+        for tensor in (codebook.centroids.data, codebook.codes, objective):
+            torch.distributed.broadcast(tensor, src=0)
+        codebook.fitted.fill_(True)
     _refresh_fitted_flag(codebook)
-    return objective
+    return float(objective)
 
 
 # --- layout ----------------------------------------------------------------------------------
@@ -236,35 +212,10 @@ def attach_activation_quantizer(module: nn.Module, quantizer: ActivationQuantize
     """
     if provider_of(module) is None:
         raise ValueError("int8 activations need the layer's weight quantized first")
-    module.add_module(INPUT_CHILD, quantizer)
-    module.__dict__.pop("_qn_int8_weight", None)
-    quantizer.register_load_state_dict_post_hook(lambda q, keys: module.__dict__.pop("_qn_int8_weight", None))
+    module.add_module(INPUT_CHILD, quantizer)  # the int8 form is rebuilt when the quantizer's tensors change (inference.py)
 
 
 def route_int8_attention(model: nn.Module, names: Sequence[str] = ()) -> int:
     """Attention whose projections take int8 inputs (or are in ``names``) calls them (see weight_swap)."""
     quantized = [name for name, module in model.named_modules() if INPUT_CHILD in module._modules]
     return route_attention_through_projections(model, [*quantized, *names])
-
-
-def int8_linear_weight(module: nn.Module, provider: nn.Module) -> Int8LinearWeight:
-    """The layer's int8 compute form, built once (inference only): oneDNN-packed symmetric int8 codes
-    when its weight has them (int8 ScalarCodes, or PQ with int8 centroids gathered by the codes), else
-    the float weight behind the same interface (the reference path)."""
-    cached = module.__dict__.get("_qn_int8_weight")
-    if cached is not None:
-        return cached
-    scale, zero_point = module._modules[INPUT_CHILD].params
-    codes = None
-    if isinstance(provider, ScalarCodes) and provider.bits == 8 and is_symmetric(provider.zero_point):
-        codes, w_scale, w_zero_point = provider.codes, provider.scale, provider.zero_point
-    elif isinstance(provider, PQCodebook) and getattr(provider, "centroid_codes", None) is not None:
-        centroid_codes, w_scale, w_zero_point = provider.centroid_codes
-        if is_symmetric(w_zero_point):
-            codes = centroid_codes[provider.codes.long()].reshape(provider.shape)
-    if codes is not None:
-        weight = Int8LinearWeight.from_codes(codes, w_scale, w_zero_point, scale, zero_point, dequantize=provider)
-    else:
-        weight = Int8LinearWeight.reference_only(tuple(provider.shape), scale, zero_point, dequantize=provider)
-    module.__dict__["_qn_int8_weight"] = weight
-    return weight

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .compressed import PROVIDER_CHILDREN, is_fitted
+from .providers import PROVIDER_CHILDREN, is_fitted
 from .sizes import storage_key
 
 

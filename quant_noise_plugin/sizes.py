@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .bitpack import bits_for
 from .activations import ActivationQuantizer
-from .compressed import INPUT_CHILD, PROVIDER_CHILDREN, is_fitted, provider_of
+from .providers import INPUT_CHILD, PROVIDER_CHILDREN, is_fitted, provider_of
 from .pq import PQCodebook
 
 

@@ -69,8 +69,9 @@ def test_int8_kernel_matches_the_fake_quant_reference():
     codes, scale, zero_point, dense = _int8_weight()
     x = torch.randn(3, 10, 64) * 2
     in_scale, in_zero_point = affine_qparams(float(x.min()), float(x.max()))
-    weight = Int8LinearWeight.from_codes(codes, scale, zero_point, in_scale, in_zero_point, dequantize=lambda: dense)
-    assert weight.uses_kernel == KERNELS
+    weight = Int8LinearWeight.from_codes(codes, scale, zero_point, in_scale, in_zero_point, dequantize=lambda: dense,
+                                         compute="int8" if KERNELS else "reference")
+    assert weight.uses_kernel == KERNELS and weight.input_bits == 8
     bias = torch.randn(96)
     kernel = F.linear(x, weight, bias)
     reference = F.linear(fake_quantize_activation(x, in_scale, in_zero_point), dense, bias)
@@ -178,9 +179,8 @@ models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([sys.argv[1]],
 model = models[0].eval()
 with torch.no_grad():
     logits = model(torch.arange(4, 36).reshape(2, 16))[0]
-kernels = sum(isinstance(m.__dict__.get("_qn_int8_weight"), Int8LinearWeight) and m.__dict__["_qn_int8_weight"].uses_kernel
-              for m in model.modules())
-print("kernel layers", kernels)
+from quant_noise_plugin.inference import prepare_inference
+print("kernel layers", sum(w.uses_kernel for w in prepare_inference(model, log=False).values()))
 torch.save(logits, sys.argv[3])
 """
 
@@ -189,7 +189,8 @@ def test_every_linear_of_the_packed_model_runs_on_int8_kernels_with_reference_lo
     import sys
 
     path, _ = w8a8
-    out = run([sys.executable, "-c", LOGITS, path, lm_data, tmp_path / "kernel.pt"]).output
+    every_layer = {**os.environ, "QUANT_NOISE_INT8_KERNELS": "1"}  # no speed test: the tiny model's layers may be faster in float
+    out = run([sys.executable, "-c", LOGITS, path, lm_data, tmp_path / "kernel.pt"], env=every_layer).output
     assert f"kernel layers {13 if KERNELS else 0}" in out  # 8 attention projections, 4 FFN, the tied output projection (PQ, int8 centroids)
     run([sys.executable, "-c", LOGITS, path, lm_data, tmp_path / "reference.pt"], env={**os.environ, "QUANT_NOISE_INT8_KERNELS": "0"})
     kernel, reference = torch.load(tmp_path / "kernel.pt"), torch.load(tmp_path / "reference.pt")
@@ -221,3 +222,33 @@ def test_an_already_calibrated_file_is_refused(w8a8, lm_data, tmp_path):
                   "--calibrate", lm_data], check=False)
     assert result.returncode == 2 and "already packed and calibrated (int8 activations)" in result.output
     assert not (tmp_path / "again.pt").exists()
+
+
+def test_without_vnni_eval_lm_says_so_and_7_bit_inputs_keep_the_perplexity(w8a8, lm_data):
+    path, _ = w8a8
+    cmd = ["fairseq-eval-lm", lm_data, "--path", path, "--cpu", "--max-tokens", "1024", "--tokens-per-sample", "64",
+           "--gen-subset", "valid", "--user-dir", PLUGIN]
+    every_layer = {**os.environ, "QUANT_NOISE_INT8_KERNELS": "1"}
+
+    def ppl(output):
+        return float([line for line in output.splitlines() if "Perplexity:" in line][-1].rsplit("Perplexity:", 1)[1])
+
+    native = run(cmd, env=every_layer).output
+    avx2 = run(cmd, env={**every_layer, "ONEDNN_MAX_CPU_ISA": "AVX2"}).output  # oneDNN as on an AVX2-only CPU
+    said = [line for line in avx2.splitlines() if "int8 activations:" in line]
+    assert len(said) == 1 and "13 of 13 Linear layers on oneDNN int8 kernels with 7-bit activations: this CPU lacks VNNI" in said[0]
+    assert ppl(avx2) == pytest.approx(ppl(native), rel=5e-3)
+
+
+def test_inspect_names_what_computes_each_layer_here(w8a8):
+    path, _ = w8a8
+    out = run(["quant-noise", "inspect", path]).output
+    assert "this machine: " in out and "int8 kernel: " in out
+    rows = [line for line in out.splitlines() if line.startswith("decoder.")]
+    assert len(rows) == 14  # the embedding (float input, decoded once) and 13 int8-input Linears
+    assert sum(" int8 " in row for row in rows) == 13 and "decoded once" in rows[0]
+    assert all(("oneDNN int8" in row or " float " in row) and "measured x" in row for row in rows[1:])
+    off = run(["quant-noise", "inspect", path, "--json"], env={**os.environ, "QUANT_NOISE_INT8_KERNELS": "0"}).output
+    report = json.loads(off[off.index("{"):])
+    assert {r["compute"] for r in report["layers"] if r["input"] == "int8"} == {"fake-quant reference"}
+    assert report["machine"]["cpu_capability"] and report["machine"]["QUANT_NOISE_INT8_KERNELS"] == "0"

@@ -22,25 +22,30 @@ def test_safe_load_allows_fairseq_namespaces_and_refuses_any_other_class(tmp_pat
         read_checkpoint(bad)
 
 
-def test_int8_kernels_are_switched_off_when_the_cpu_saturates(monkeypatch):
-    """Without VNNI, uint8 x int8 pair sums may saturate in int16: the probe must see it and fall back."""
+def test_a_saturating_cpu_gets_7_bit_activations_and_no_kernel_when_even_those_saturate(monkeypatch):
+    """Without VNNI, uint8 x int8 pair sums may saturate in int16: the probe must see it and reduce the range."""
     from quant_noise_plugin import int8_linear
 
     real = int8_linear._onednn_linear
-    int8_linear._kernel_works.cache_clear()
+    int8_linear.kernel_support.cache_clear()
     try:
-        if not int8_linear._kernel_works():
-            pytest.skip("this torch build has no working oneDNN int8 kernel: nothing to switch off")
+        assert int8_linear.kernel_support().activation_bits is not None, "this torch build has no working oneDNN int8 kernel"
 
-        def saturating(q, scale, zero_point, packed, weight_scales, bias):  # what an int16 accumulator does
-            out = real(q, scale, zero_point, packed, weight_scales, bias)
-            return torch.clamp(out, max=32767 * scale * float(weight_scales.max()))
+        def saturating_above(limit):
+            def kernel(q, scale, zero_point, packed, weight_scales, bias):  # what an int16 accumulator does past the limit
+                out = real(q, scale, zero_point, packed, weight_scales, bias)
+                return torch.clamp(out, max=0.5 * float(out.max())) if int(q.max()) > limit else out
+            return kernel
 
-        monkeypatch.setattr(int8_linear, "_onednn_linear", saturating)
-        int8_linear._kernel_works.cache_clear()
-        assert not int8_linear._kernel_works() and not int8_linear.int8_kernels_enabled()
+        monkeypatch.setattr(int8_linear, "_onednn_linear", saturating_above(127))  # AVX2 without VNNI
+        int8_linear.kernel_support.cache_clear()
+        support = int8_linear.kernel_support()
+        assert support.activation_bits == 7 and "lacks VNNI" in support.reason and int8_linear.int8_kernels_enabled()
+        monkeypatch.setattr(int8_linear, "_onednn_linear", saturating_above(63))
+        int8_linear.kernel_support.cache_clear()
+        assert int8_linear.kernel_support().activation_bits is None and not int8_linear.int8_kernels_enabled()
     finally:
-        int8_linear._kernel_works.cache_clear()
+        int8_linear.kernel_support.cache_clear()
 
 
 def test_int4_pack_reloads_in_fairseq_eval_lm(dense_lm, lm_data, tmp_path):

@@ -1,5 +1,6 @@
 """What makes a plugin architecture reload compressed checkpoints with stock fairseq tools."""
 from ..compressed import attach_from_state_dict
+from ..inference import prepare_inference
 
 
 class CompressedLoadingMixin:
@@ -9,7 +10,8 @@ class CompressedLoadingMixin:
     call ``model.load_state_dict``; here, layers stored as PQ codes or int codes get their
     provider first (and drop their dense Parameter), so the strict load matches.  During iPQ
     training (``ipq_training``) the task has attached the schedule's codebooks itself and checks
-    the checkpoint against them, so nothing is inferred.
+    the checkpoint against them, so nothing is inferred. After loading, int8-input layers choose
+    their compute on this machine and one log line says what runs (inference.py).
     """
 
     ipq_training = False
@@ -17,4 +19,7 @@ class CompressedLoadingMixin:
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         if not self.ipq_training:
             attach_from_state_dict(self, state_dict, free_dense=True)
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        if not self.ipq_training:
+            prepare_inference(self)
+        return result

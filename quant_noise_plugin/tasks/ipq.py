@@ -13,6 +13,8 @@ the plugin architectures rebuild the compressed layers from the checkpoint's own
 import logging
 import math
 import os
+import resource
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,6 +35,13 @@ from ..schedule import ScheduleError, load_schedule, plan_schedule, schedule_to_
 from ..sizes import dense_fp32_bytes, size_rows
 
 logger = logging.getLogger(__name__)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside fairseq's distributed wrappers (ModuleProxyWrapper around DDP or legacy DDP: two levels)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
 
 
 @dataclass
@@ -147,7 +156,7 @@ class IPQTaskMixin:
     # -- training -------------------------------------------------------------------------------
 
     def _advance_schedule(self, model, update_num: int) -> None:
-        inner = getattr(model, "module", model)
+        inner = unwrapped(model)
         for stage in self.ipq_plans:
             if stage.start_update > update_num:
                 break
@@ -156,14 +165,18 @@ class IPQTaskMixin:
                 continue
             if self.ipq_cfg.ipq_distill_weight > 0 and self.teacher is None:
                 self.teacher = self._build_teacher(inner)
+            start = time.perf_counter()
             for plan in todo:
                 objective = fit_pq(inner, plan, self.ipq_schedule.kmeans_iterations, self.ipq_schedule.seed, self.ipq_cfg.ipq_kmeans_backend)
                 logger.info("ipq stage %s: %s %s -> %d x %d centroids, k-means objective %.4g", stage.name, plan.name, plan.shape, plan.n_centroids, plan.block_size, objective)
+            seconds = time.perf_counter() - start
             compressed = sum(r.bytes for r in size_rows(inner))
             dense = dense_fp32_bytes(inner)
             logger.info(
-                "ipq stage %d (%s) quantized at update %d: model %.3f MB (fp16 rest) vs %.3f MB fp32, x%.1f",
-                stage.index, stage.name, update_num, compressed / 1e6, dense / 1e6, dense / compressed,
+                "ipq stage %d (%s) quantized at update %d: model %.3f MB (fp16 rest) vs %.3f MB fp32, x%.1f; k-means of %d "
+                "weights %.1f s, process peak RSS %.2f GB",
+                stage.index, stage.name, update_num, compressed / 1e6, dense / 1e6, dense / compressed, len(todo), seconds,
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             )
 
     def _build_teacher(self, model):
@@ -191,7 +204,7 @@ class IPQTaskMixin:
         model.train()
         model.set_num_updates(update_num)
         captured = {}
-        inner = getattr(model, "module", model)
+        inner = unwrapped(model)
         handle = inner.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
         try:
             loss, sample_size, logging_output = criterion(model, sample)
