@@ -15,7 +15,7 @@ from .decoded import decoded, low_memory, version_key
 from . import int8_linear
 from .int8_linear import Int8LinearWeight, is_symmetric
 from .pq import PQCodebook
-from .providers import INPUT_CHILD, provider_of
+from .providers import INPUT_CHILD, is_fitted, provider_of
 from .scalar import ScalarCodes
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,10 @@ def compute_report(model: nn.Module) -> List[dict]:
             form = f"pq K={provider.n_centroids} bs={provider.block_size}"
         else:
             form = f"int{provider.bits}"
-        if name in int8:
+        if not is_fitted(provider):
+            rows.append({"layer": name, "weight": "dense (its codebook not fitted yet)", "input": "float", "compute": "float",
+                         "why": "a later stage of the iPQ schedule"})
+        elif name in int8:
             weight = int8[name]
             compute = {"int8": f"oneDNN int8 (a{weight.input_bits})", "float": "float", "reference": "fake-quant reference"}[weight.compute]
             rows.append({"layer": name, "weight": form, "input": "int8", "compute": compute, "why": weight.why})
