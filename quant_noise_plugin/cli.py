@@ -200,12 +200,15 @@ def cmd_pack(args) -> int:
             raise CheckpointError(f"--activation-bits 8 needs int8 weights: add --scalar-bits 8 (now: {bits or 'none'})")
     elif args.calibrate:
         raise CheckpointError("--calibrate is for int8 activations: add --activation-bits 8")
+    if args.per_tensor and not args.scalar_bits:
+        raise CheckpointError("--per-tensor is how --scalar-bits quantizes: add --scalar-bits N")
     use_plugin_names(state["cfg"])
     model, task = _load_model(state, args.checkpoint, args.data)
     if bits:
-        done = scalar_quantize_remaining_(model, bits, symmetric=activations)
-        logger.info("int%d codes for %d layers left in float%s", bits, len(done), " (symmetric, for int8 kernels)" if activations else "")
-    marker = {"packed": True, "format": 1, "scalar_bits": bits, "source": os.path.basename(args.checkpoint)}
+        done = scalar_quantize_remaining_(model, bits, symmetric=activations, per_channel=not args.per_tensor)
+        logger.info("int%d codes%s for %d layers left in float%s", bits, " (per tensor)" if args.per_tensor else "", len(done),
+                    " (symmetric, for int8 kernels)" if activations else "")
+    marker = {"packed": True, "format": 1, "scalar_bits": bits, "per_tensor": bool(args.per_tensor), "source": os.path.basename(args.checkpoint)}
     if activations:
         batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
         # the training criterion runs the model as the task does (e.g. through a classification head)
@@ -341,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("output")
     p.add_argument("--data")
-    p.add_argument("--scalar-bits", type=int, choices=(4, 8), default=None, help="int codes for layers left in float and the centroids")
+    p.add_argument("--scalar-bits", type=int, choices=(2, 3, 4, 8), default=None, help="int codes for layers left in float and the centroids")
+    p.add_argument("--per-tensor", action="store_true", help="one scale and zero point per weight instead of per output row "
+                   "(the paper's scalar baseline; with --scalar-bits)")
     p.add_argument("--activation-bits", type=int, default=None,
                    help="8: int8 inputs for every quantized Linear (needs --scalar-bits 8 and --calibrate); int8 kernels on the CPU")
     p.add_argument("--calibrate", metavar="DATA_DIR", help="binarized data (the model's dictionaries) whose training batches fix the activation ranges")

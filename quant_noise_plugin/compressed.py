@@ -177,16 +177,17 @@ def attach_from_state_dict(model: nn.Module, state_dict, free_dense: bool = True
 
 
 @torch.no_grad()
-def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = True, symmetric: bool = False) -> List[str]:
-    """int-``bits`` codes for every Linear/Embedding weight not compressed yet (per-row scales;
-    ``symmetric``: as int8 kernels take them)."""
+def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = True, symmetric: bool = False,
+                               per_channel: bool = True) -> List[str]:
+    """int-``bits`` codes for every Linear/Embedding weight not compressed yet (per-row scales, or one per weight
+    without ``per_channel``: the paper's scalar baseline; ``symmetric``: as int8 kernels take them)."""
     done = []
     modules = dict(model.named_modules(remove_duplicate=False))
     for names in quantizable_weights(model).values():
         if provider_of(modules[names[0]]) is not None:
             continue
         weight = modules[names[0]]._parameters["weight"]
-        provider = ScalarCodes(weight.shape, bits, per_channel=True, symmetric=symmetric).fit(weight)
+        provider = ScalarCodes(weight.shape, bits, per_channel=per_channel, symmetric=symmetric).fit(weight)
         for name in names:
             attach_provider(modules[name], SCALAR_CHILD, provider)
             if free_dense:

@@ -17,7 +17,7 @@ HELP = {
     "pq": "Quant-Noise rate P for iPQ: fraction of weight blocks dropped each forward",
     "pq_block_size": "block size of the PQ noise (and of the later iPQ)",
     "scalar": "fraction of weights fake-quantized each forward (1 = QAT)",
-    "scalar_bits": "bits of the scalar (fake) quantizer: 4 or 8",
+    "scalar_bits": "bits of the scalar (fake) quantizer: 2, 3, 4 or 8",
     "scalar_per_channel": "scalar noise: one scale per output row instead of per tensor",
     "exclude": "regex searched anywhere in each module name (re.search, unlike the iPQ schedule's full match): "
                "matching modules get no noise, e.g. 'embed_tokens|output_projection'",

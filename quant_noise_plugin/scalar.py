@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .bitpack import pack_bits, unpack_bits
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)  # 2 and 3: the severe end of the scalar baselines (codes bit-packed on disk)
 
 
 def check_bits(bits: int, flag: str = "bits") -> None:
@@ -102,7 +102,7 @@ class ScalarCodes(torch.nn.Module):
         return dequantize(self.codes, self.scale, self.zero_point)
 
     def packed_state(self, float_dtype: torch.dtype = torch.float16, centroid_bits=None, symmetric: bool = False) -> Dict[str, Tensor]:
-        """The on-disk form: 8-bit codes as they are, 4-bit codes two to a byte; scales as they are."""
+        """The on-disk form: 8-bit codes as they are, narrower codes bit-packed (two 4-bit codes a byte); scales as they are."""
         state = {"scale": self.scale, "zero_point": self.zero_point, "n_bits": self.n_bits}
         state.update({"codes": self.codes} if self.bits == 8 else {"codes_packed": pack_bits(self.codes, self.bits)})
         return state

@@ -30,7 +30,7 @@ def test_noise_training_then_eval_lm(lm_data, tmp_path, arch_args, criterion):
     [
         (["--quant-noise-pq", "1.0"], "--quant-noise-pq=1.0: must be in [0, 1)"),
         (["--quant-noise-pq", "0.1", "--quant-noise-pq-block-size", "5"], "does not divide the input dimension of layer decoder.embed_tokens"),
-        (["--quant-noise-scalar", "0.1", "--quant-noise-scalar-bits", "2"], "--quant-noise-scalar-bits=2"),
+        (["--quant-noise-scalar", "0.1", "--quant-noise-scalar-bits", "5"], "--quant-noise-scalar-bits=5"),
     ],
 )
 def test_bad_noise_flags_fail_before_training(lm_data, tmp_path, flags, message):

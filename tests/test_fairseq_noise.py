@@ -114,8 +114,8 @@ def test_fairseq_builtin_noise_is_undone_when_present(lm_data):
 def test_bad_flags_fail_before_training(lm_data):
     with pytest.raises(ValueError, match=r"--quant-noise-pq-block-size=5 does not divide the input dimension of layer decoder\.embed_tokens"):
         build(lm_data, "--arch", "qn_transformer_lm", *TINY_LM, "--quant-noise-pq", "0.1", "--quant-noise-pq-block-size", "5")
-    with pytest.raises(ValueError, match="--quant-noise-scalar-bits=3"):
-        build(lm_data, "--arch", "qn_transformer_lm", *TINY_LM, "--quant-noise-scalar", "0.1", "--quant-noise-scalar-bits", "3")
+    with pytest.raises(ValueError, match="--quant-noise-scalar-bits=5"):
+        build(lm_data, "--arch", "qn_transformer_lm", *TINY_LM, "--quant-noise-scalar", "0.1", "--quant-noise-scalar-bits", "5")
 
 
 @pytest.mark.parametrize("via", ["arch", "criterion"])

@@ -58,6 +58,32 @@ def test_int4_pack_reloads_in_fairseq_eval_lm(dense_lm, lm_data, tmp_path):
     assert four != dense and abs(four / dense - 1) < 0.1  # int4 is lossy, not broken
 
 
+def test_int3_int2_and_per_tensor_int4_packs_are_their_size_and_reload(dense_lm, lm_data, tmp_path):
+    """The scalar baselines below per-row int4: 3 and 2 bits per row, and one scale per weight (the paper's)."""
+    import json
+
+    files = {}
+    for name, flags in {"int4": ["--scalar-bits", "4"], "int3": ["--scalar-bits", "3"], "int2": ["--scalar-bits", "2"],
+                        "int4_tensor": ["--scalar-bits", "4", "--per-tensor"]}.items():
+        files[name] = tmp_path / f"{name}.pt"
+        run(["quant-noise", "pack", dense_lm, files[name], *flags])
+        out = run(["quant-noise", "size", files[name], "--json"]).output
+        report = json.loads(out[out.index("{"):])
+        assert abs(report["file_bytes"] / report["predicted_packed_file_bytes"] - 1) < 0.05, name
+        assert {layer["method"] for layer in report["layers"]} >= {name[:4]}
+    size = {name: path.stat().st_size for name, path in files.items()}
+    assert size["int2"] < size["int3"] < size["int4"] and size["int4_tensor"] < size["int4"]
+    state = torch.load(files["int4_tensor"], weights_only=True)
+    assert state["model"]["decoder.layers.0.fc1.weight_int.scale"].numel() == 1
+    assert state["model"]["decoder.layers.0.fc1.weight_int.codes_packed"].numel() == 128 * 64 * 4 // 8  # 4 bits a weight
+    dense = eval_lm_ppl(lm_data, dense_lm, "--user-dir", PLUGIN)
+    ppl = {name: eval_lm_ppl(lm_data, path, "--user-dir", PLUGIN) for name, path in files.items()}
+    assert dense < ppl["int4"] < ppl["int2"]  # fewer bits, more loss; every file loads in fairseq-eval-lm
+    result = run(["quant-noise", "pack", dense_lm, tmp_path / "x.pt", "--per-tensor"], check=False)
+    assert result.returncode == 2 and "--per-tensor is how --scalar-bits quantizes: add --scalar-bits N" in result.output
+    assert not (tmp_path / "x.pt").exists()
+
+
 @pytest.mark.parametrize("preset", ["quick", "full"])
 def test_shipped_lm_schedules_match_the_presets_model(preset, tmp_path):
     from fairseq import options, tasks
