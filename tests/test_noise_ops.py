@@ -110,7 +110,7 @@ def test_tied_weights_stay_tied():
         (QuantNoiseConfig(pq=1.0), "--quant-noise-pq=1.0"),
         (QuantNoiseConfig(pq=-0.1), "--quant-noise-pq=-0.1"),
         (QuantNoiseConfig(scalar=1.5), "--quant-noise-scalar=1.5"),
-        (QuantNoiseConfig(scalar=0.5, scalar_bits=3), "--quant-noise-scalar-bits=3"),
+        (QuantNoiseConfig(scalar=0.5, scalar_bits=5), "--quant-noise-scalar-bits=5"),
         (QuantNoiseConfig(pq=0.1, pq_block_size=5), "layer 0 (weight shape (50, 16))"),
     ],
 )
