@@ -193,6 +193,7 @@ def from_logs(name: str) -> dict:
     result["ipq_steps_s"] = step_seconds((folder / "ipq.log").read_text(), tokens)
     if "int8_file_bytes" not in result:  # a record from before this column (packing is seconds)
         result.update(int8_pack(folder))
+        (folder / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -208,8 +209,9 @@ def table(results: dict) -> str:
     row("Quant-Noise training step (CPU, tokens)", lambda r: f"{r['train_step_s']:.1f} s ({r['tokens_per_step']:,})")
     row("its peak RSS", lambda r: f"{r['train_peak_rss_gb']:.2f} GB")
     row("projected H100 step (6 x params x tokens at 40% of bf16 peak)", lambda r: f"{1e3 * r['projected_h100_step_s']:.0f} ms (projection)")
-    row("iPQ stages: layers, k-means, peak RSS", lambda r: "<br>".join(
-        f"{s['stage']}: {s['layers']} weights, {s['kmeans_s']:.0f} s, {s['peak_rss_gb']:.1f} GB" for s in r["stages"]))
+    row("iPQ stages: weights, k-means, process peak RSS, predicted size after", lambda r: "<br>".join(
+        f"{s['stage']}: {s['layers']} weights, {s['kmeans_s']:.0f} s, {s['peak_rss_gb']:.1f} GB, {s['predicted_mb']:.1f} MB (x{s['ratio']:.1f})"
+        for s in r["stages"]))
     row("whole iPQ CLI run (k-means + finetuning updates, load, save)", lambda r: f"{r['ipq_wall_s'] / 60:.1f} min, peak {r['ipq_peak_rss_gb']:.1f} GB")
     row("iPQ finetuning update", lambda r: f"{min(r['ipq_steps_s'] or [float('nan')]):.1f} s")
     row("dense fp32", lambda r: f"{r['dense_fp32_bytes'] / mb:.1f} MB")
