@@ -20,6 +20,7 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # cls_baselines, read for the classifier table
 from experiments.ablation import render_ablation  # noqa: E402
+from experiments.frontier import frontier_records, merged, plot_frontier, render_frontier  # noqa: E402
 from experiments.cache import Cells, write_atomic  # noqa: E402
 from experiments.cell import cell  # noqa: E402
 from experiments.grid import CONFIGS, REPO, TASKS, Grid, GridError, load_grid  # noqa: E402
@@ -29,7 +30,8 @@ from experiments.runs import Runner  # noqa: E402
 from experiments.shell import sh  # noqa: E402
 from experiments.tables import TABLE_FILES, cls_baselines_text, render  # noqa: E402
 
-RESULT_JSON = {"grid": "reproduce.json", "ablation": "ablation_noise.json"}
+RESULT_JSON = {"grid": "reproduce.json", "ablation": "ablation_noise.json", "frontier": "frontier_lm.json"}
+TABLES = tuple(RESULT_JSON)
 
 
 def listing(grid: Grid) -> str:
@@ -54,8 +56,9 @@ def parse(argv, grid: Grid) -> argparse.Namespace:
     parser.add_argument("--work", default=str(REPO / "work_dirs" / "reproduce"))
     parser.add_argument("--results", help="where tables, plot and cells go (default: WORK/results)")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: the preset's, 1); tables show each and their mean")
-    parser.add_argument("--table", choices=("grid", "ablation"), default="grid",
-                        help="grid: lm_kjv.md / mt_en_es.md / cls_kjv_pairs.md; ablation: ablation_noise.md (valid and test, vs the dense control)")
+    parser.add_argument("--table", choices=TABLES,
+                        help="grid (default): lm_kjv.md / mt_en_es.md / cls_kjv_pairs.md; ablation: ablation_noise.md (valid and test, "
+                             "vs the dense control); frontier: frontier_lm.md/.png/.json (this preset's panel, the others' kept)")
     for task in TASKS:
         parser.add_argument(f"--{task}-modes", nargs="*", help=f"rows of the {task} table (default: configs/experiments/{task}.yaml's tables)")
         parser.add_argument(f"--{task}-columns", nargs="*")
@@ -68,11 +71,15 @@ def parse(argv, grid: Grid) -> argparse.Namespace:
     if args.experiment:
         exp = grid.experiments[args.experiment]
         args.preset = exp.preset
+        args.table = args.table or exp.table
         for task in TASKS:
             setattr(args, f"{task}_modes", list(exp.modes) if task == exp.task else [])
             setattr(args, f"{task}_columns", list(exp.columns) if task == exp.task else [])
+    args.table = args.table or "grid"
     for task in TASKS:
-        modes, columns = grid.table(task, args.table)
+        if args.table == "frontier" and task != "lm" and getattr(args, f"{task}_modes") is None:
+            setattr(args, f"{task}_modes", [])  # the frontier is the LM's
+        modes, columns = grid.table(task, "grid" if args.table == "frontier" else args.table)
         if getattr(args, f"{task}_modes") is None:
             setattr(args, f"{task}_modes", modes)
         if getattr(args, f"{task}_columns") is None:
@@ -113,7 +120,8 @@ def main(argv=None) -> None:
     runners = {seed: Runner(grid, args.preset, seed, Path(args.work), Path(args.data), args.device, schedules, args.dry_run) for seed in seeds}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    cells = Cells(Path(args.work).resolve(), [out / RESULT_JSON[args.table]] if args.render_only else [])
+    fallback = [out / RESULT_JSON[args.table]] + ([out / RESULT_JSON["ablation"], out / RESULT_JSON["grid"]] if args.table == "frontier" else [])
+    cells = Cells(Path(args.work).resolve(), fallback if args.render_only else [], args.preset)
     selection = {task: (getattr(args, f"{task}_modes"), getattr(args, f"{task}_columns")) for task in TASKS}
     results = []
     for seed in seeds:  # every cell of the first seed, then of the next: partial tables are complete rows early
@@ -124,7 +132,7 @@ def main(argv=None) -> None:
                     if result is not None:
                         results.append(result)
                         write_outputs(results, args.table, selection, runners[seeds[0]], out, seeds, command)
-    names = ("ablation_noise.md",) if args.table == "ablation" else tuple(TABLE_FILES.values())
+    names = {"ablation": ("ablation_noise.md",), "frontier": ("frontier_lm.md",)}.get(args.table, tuple(TABLE_FILES.values()))
     for name in names:
         if (out / name).exists():
             print((out / name).read_text())
@@ -132,6 +140,13 @@ def main(argv=None) -> None:
 
 def write_outputs(results: List[dict], table: str, selection: Dict, runner: Runner, out: Path, seeds: List[int], command: str) -> None:
     tasks = [task for task in TASKS if any(r["task"] == task for r in results)]
+    if table == "frontier":
+        path = out / RESULT_JSON["frontier"]
+        records = merged(json.loads(path.read_text()) if path.exists() else [], frontier_records(results, runner.preset_name))
+        write_atomic(path, json.dumps(records, indent=1))
+        write_atomic(out / "frontier_lm.md", render_frontier(records, runner.grid, command))
+        plot_frontier(records, out / "frontier_lm.png")
+        return
     if table == "ablation":
         parts = [render_ablation(results, task, *selection[task], runner, seeds, command) for task in tasks]
         reading = "What the rows say, failures included: README.md, section \"Where and when to put the noise\".\n\n"

@@ -33,6 +33,7 @@ def broken_grid(tmp_path, file, old, new):
     ("presets.yaml", "configs/ipq/qn_transformer_demo.yaml", "configs/ipq/missing.yaml", "quick.mt.schedules.ipq: no such file"),
     ("columns.yaml", "  after_ipq: false", "  after_ipq: sometimes", "columns.yaml: int4: key after_ipq"),
     ("experiments.yaml", "modes: [qn_pq_0.1]", "modes: [qn_pq_7]", "experiments.yaml: demo: unknown mode 'qn_pq_7'"),
+    ("presets.yaml", "    lr_scheduler: polynomial_decay\n", "    lr_scheduler: cosine\n", "presets.yaml: annealed.lm.lr_scheduler: 'cosine'"),
 ])
 def test_malformed_grid_fails_in_one_line_naming_the_culprit(tmp_path, file, old, new, culprit):
     folder = broken_grid(tmp_path, file, old, new)
@@ -125,3 +126,22 @@ def test_accuracy_is_read_from_its_own_subsets_line():
     assert accuracy_of_validate(output, "test") == 38.7 and accuracy_of_validate(output, "valid") == 41.2
     with pytest.raises(SystemExit, match="no accuracy for the test subset"):
         accuracy_of_validate(output.splitlines()[0], "test")
+
+
+def test_annealed_preset_validates_each_epoch_and_compresses_the_best_checkpoint(tmp_path):
+    """keep_best: every training validates each epoch with patience, its learning rate decays to zero at the
+    budget's end, and the columns, the iPQ runs and the finetuning rows all start from checkpoint_best.pt."""
+    runner = Runner(load_grid(), "annealed", 1, tmp_path / "work", tmp_path / "data")
+    cmd, save = runner.train_command("lm", "qn_pq_0.1")
+    cmd, updates = [str(c) for c in cmd], str(runner.preset.lm.updates)
+    assert cmd[cmd.index("--lr-scheduler") + 1] == "polynomial_decay" and cmd[cmd.index("--total-num-update") + 1] == updates
+    assert cmd[cmd.index("--patience") + 1] == "2" and "--validate-interval-updates" not in cmd
+    ipq = runner.ipq_command("lm", "qn_pq_0.1", "ipq_x50")[0]
+    assert ipq[ipq.index("--finetune-from-model") + 1] == save / "checkpoint_best.pt"
+    assert "--validate-interval-updates" in ipq and "--patience" not in ipq  # an iPQ run takes every update of its schedule
+    assert runner.compressed_path("lm", "qn_pq_0.1", "int4")[0] == save / "checkpoint_best.pt"
+    assert runner.compressed_path("lm", "qn_pq_0.1", "ipq_x50")[0].name == "checkpoint_last.pt"  # the iPQ run's end
+    ft = runner.train_command("lm", "ft_qn_pq_0.1")[0]
+    assert ft[ft.index("--finetune-from-model") + 1] == runner.train_command("lm", "none")[1] / "checkpoint_best.pt"
+    quick = [str(c) for c in Runner(load_grid(), "quick", 1, tmp_path / "work", tmp_path / "data").train_command("lm", "none")[0]]
+    assert "inverse_sqrt" in quick and "--patience" not in quick and "--validate-interval-updates" in quick

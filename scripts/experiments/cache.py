@@ -38,16 +38,29 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-class Cells:
-    """The computed cells: WORK/cells/<task>-<mode>-<column>-<key>.json, plus (render-only) a results JSON."""
+def preset_of(record: dict) -> str:
+    """The preset a stored record was computed under: its own key, else its command's --preset (records
+    written before cells named their preset), else reproduce.py's default."""
+    if "preset" in record:
+        return record["preset"]
+    words = str(record.get("command", "")).split()
+    return words[words.index("--preset") + 1] if "--preset" in words[:-1] else "full"
 
-    def __init__(self, work: Path, fallback: Iterable[Path] = ()):
+
+class Cells:
+    """The computed cells: WORK/cells/<task>-<mode>-<column>-<key>.json, plus (render-only) results JSONs,
+    the first file's record winning; only records of ``preset`` are read from them."""
+
+    def __init__(self, work: Path, fallback: Iterable[Path] = (), preset: Optional[str] = None):
+        from .frontier import as_cell
+
         self.root = work / "cells"
         self.fallback: Dict[Tuple[str, str, str, int], dict] = {}
         for path in fallback:
             if path.is_file():
-                for r in json.loads(path.read_text()):
-                    self.fallback.setdefault((r["task"], r["mode"], r["column"], r.get("seed", 1)), r)
+                for r in map(lambda r: as_cell(r) if "recipe" in r else r, json.loads(path.read_text())):
+                    if preset is None or preset_of(r) == preset:
+                        self.fallback.setdefault((r["task"], r["mode"], r["column"], r.get("seed", 1)), r)
 
     def path(self, task: str, mode: str, column: str, identity: List) -> Path:
         return self.root / f"{task}-{mode}-{column}-{key(*identity)}.json"

@@ -33,7 +33,7 @@ def cell(runner: Runner, cells: Cells, task: str, mode: str, column: str, comman
     path = runner.compressed(task, mode, column)
     if runner.dry_run:
         return None
-    result = {"task": task, "mode": mode, "column": column, "seed": seed, "bytes": path.stat().st_size,
+    result = {"task": task, "mode": mode, "column": column, "seed": seed, "preset": runner.preset_name, "bytes": path.stat().st_size,
               "checkpoint": str(path.relative_to(runner.work)), "train_updates": runner.total_budget(task, mode),
               "device": device_name(runner.device), "command": command, "commit": commit()}
     method = column.partition("+")[0]

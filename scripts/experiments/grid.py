@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments"
 TASKS = ("lm", "mt", "cls")
+LR_SCHEDULERS = ("inverse_sqrt", "polynomial_decay")
 
 
 class GridError(ValueError):
@@ -57,6 +58,14 @@ class TaskPreset:
     schedules: Dict[str, str] = field(default_factory=dict)  # column name -> iPQ schedule YAML (repository-relative)
     pretrain_updates: int = 0  # cls: masked-LM pretraining of the encoder on the LM data
     max_positions: int = 128  # cls: sequence length
+    # How a training run spends its updates. "inverse_sqrt": the short presets (the model is still learning
+    # when it stops); "polynomial_decay": the learning rate falls linearly to zero at the last update, so the
+    # run ends annealed. With keep_best, each run validates every epoch, stops after `patience` epochs
+    # without a better valid loss (0: never), and its checkpoint_best.pt (chosen on valid) is what the
+    # columns compress and what finetuning rows start from.
+    lr_scheduler: str = "inverse_sqrt"
+    keep_best: bool = False
+    patience: int = 0
 
 
 @dataclass
@@ -87,6 +96,7 @@ class Experiment:
     task: str = MISSING
     modes: List[str] = MISSING
     columns: List[str] = MISSING
+    table: str = "grid"  # what it renders: grid, ablation or frontier (reproduce.py --table)
 
 
 def _typed(node, schema, where: str):
@@ -182,6 +192,9 @@ def load_grid(configs: Path = CONFIGS) -> Grid:
                     raise GridError(f"{where}: tables.{kind}: unknown mode {name!r}")
     for name, preset in presets.items():
         for task in TASKS:
+            scheduler = getattr(preset, task).lr_scheduler
+            if scheduler not in LR_SCHEDULERS:
+                raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.lr_scheduler: {scheduler!r} (use {' or '.join(LR_SCHEDULERS)})")
             for column, path in getattr(preset, task).schedules.items():
                 if "+" in column or column == "fp32" or column in packings:
                     raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.schedules: {column!r} is not a schedule column name")

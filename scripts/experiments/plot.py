@@ -19,8 +19,6 @@ def plot(results: List[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from quant_noise_plugin.atomic import atomic_file
-
     tasks = [t for t in ("lm", "mt", "cls") if any(r["task"] == t for r in results)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -36,6 +34,15 @@ def plot(results: List[dict], out: Path) -> None:
         ax.set_title(TITLES[task])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    save_png(fig, out)
+
+
+def save_png(fig, out: Path) -> None:
+    """A figure to ``out`` as PNG, never half-written; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    from quant_noise_plugin.atomic import atomic_file
+
     fig.tight_layout()
     with atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

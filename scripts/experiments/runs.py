@@ -84,12 +84,29 @@ class Runner:
         """A run's folder: named by its command and ``extra`` (e.g. the schedule's contents)."""
         return self.work / f"{name}-{key(self.normalized(cmd), *extra)}"
 
-    def common(self, updates: int) -> List:
+    def common(self, updates: int, every_epoch: bool = False) -> List:
+        """Flags of every run; ``every_epoch``: validate each epoch (keep_best training), else once at the end."""
         p = self.preset
+        validate = [] if every_epoch else ["--validate-interval-updates", updates]
         return ["--user-dir", PLUGIN, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "0.5",
                 "--max-tokens", p.max_tokens, "--max-update", updates, "--seed", p.seed,
                 "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "100",
-                "--validate-interval-updates", updates, *self.device_flags(), "--num-workers", "0", *p.extra]
+                *validate, *self.device_flags(), "--num-workers", "0", *p.extra]
+
+    def lr_flags(self, task: str, lr: float, warm: int, updates: int) -> List:
+        """The task preset's learning-rate schedule over a run of ``updates``."""
+        spec = getattr(self.preset, task)
+        flags = ["--lr", lr, "--lr-scheduler", spec.lr_scheduler, "--warmup-updates", warm]
+        if spec.lr_scheduler == "polynomial_decay":
+            flags += ["--total-num-update", updates, "--end-learning-rate", 0.0]
+        if spec.keep_best and spec.patience:
+            flags += ["--patience", spec.patience]
+        return flags
+
+    def trained(self, task: str, mode: str) -> Path:
+        """The checkpoint of a row's training that the columns compress: its best on valid (keep_best) or its last."""
+        name = "checkpoint_best.pt" if getattr(self.preset, task).keep_best else "checkpoint_last.pt"
+        return self.train_command(task, mode)[1] / name
 
     def length_flags(self, task: str) -> List:
         """Sequence length flags shared by a task's training, iPQ and evaluation runs."""
@@ -110,19 +127,19 @@ class Runner:
         updates = self.budget(task, mode)
         lr, warm, start = spec_task.lr, warmup(updates), []
         if spec.base:
-            start = ["--finetune-from-model", self.train_command(task, spec.base)[1] / "checkpoint_last.pt"]
+            start = ["--finetune-from-model", self.trained(task, spec.base)]
             lr, warm = lr * FINETUNE_LR_FACTOR, max(1, updates // 10)
         elif task == "cls":
             start = ["--finetune-from-model", self.pretrain_command()[1] / "checkpoint_last.pt"]
-        cmd = ["fairseq-train", self.data / task / "bin", *spec_task.train, *self.length_flags(task), "--lr", lr,
-               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warm, *getattr(self.preset, task).arch,
-               *self.mode_flags(task, mode), *start, *self.common(updates)]
+        cmd = ["fairseq-train", self.data / task / "bin", *spec_task.train, *self.length_flags(task),
+               *self.lr_flags(task, lr, warm, updates), *getattr(self.preset, task).arch,
+               *self.mode_flags(task, mode), *start, *self.common(updates, getattr(self.preset, task).keep_best)]
         return self._with_save(cmd, f"{task}-{'finetune' if spec.base else 'train'}")
 
     def ipq_command(self, task: str, mode: str, column: str = "ipq") -> Tuple[List, Path]:
         """fairseq-train --task ipq_*: the row's trained model through a schedule (plus the row's iPQ-time flags)."""
         schedule = self.schedule(task, column)
-        dense = self.train_command(task, mode)[1] / "checkpoint_last.pt"
+        dense = self.trained(task, mode)
         cmd = ["fairseq-train", self.data / task / "bin", *self.grid.tasks[task].ipq, *self.length_flags(task),
                "--lr", self.grid.tasks[task].ipq_lr, "--ipq-config", schedule, "--finetune-from-model", dense,
                *getattr(self.preset, task).arch, *self.grid.mode(task, mode).ipq_flags, *self.common(self.ipq_updates(task, column))]
@@ -142,13 +159,13 @@ class Runner:
         """(the checkpoint a column compresses, the compressed file, its `quant-noise pack` flags)."""
         method, _, suffix = column.partition("+")
         if method == "fp32" or method in self.grid.packings:
-            source, packing = self.train_command(task, mode)[1], (None if method == "fp32" else method)
+            source, packing = self.trained(task, mode), (None if method == "fp32" else method)
         else:
-            source, packing = self.ipq_command(task, mode, method)[1], suffix or None
+            source, packing = self.ipq_command(task, mode, method)[1] / "checkpoint_last.pt", suffix or None
         flags = self.pack_flags(task, packing)
         # named by the run and the column only: torch stores the file's name in each zip record, so a longer
         # name is a bigger file; packing flags are in the cell's key, and the file is rewritten for each cell
-        return source / "checkpoint_last.pt", source.parent / f"{source.name}-{column.replace('+', '_')}.pt", flags
+        return source, source.parent.parent / f"{source.parent.name}-{column.replace('+', '_')}.pt", flags
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""The size/quality frontier (results/frontier_lm.*): records in the issue's shape, panels that survive
+each other's reruns, a verdict that needs every seed, and one real run through fairseq on the tiny slice."""
+import json
+import shutil
+import sys
+
+from conftest import REPO, run
+
+sys.path.insert(0, str(REPO / "scripts"))
+from experiments.frontier import FIELDS, frontier_records, merged, verdict  # noqa: E402
+
+
+def cell(mode, column, seed, ppl, size):
+    return {"task": "lm", "mode": mode, "column": column, "seed": seed, "ppl": ppl, "valid_ppl": ppl - 1, "bytes": size,
+            "command": "test"}
+
+
+def test_records_ratio_merge_and_verdict():
+    cells = [cell("none", "fp32", 1, 40.0, 8000), cell("none", "ipq_x50", 1, 60.0, 160),
+             cell("qn", "fp32", 1, 44.0, 8000), cell("qn", "ipq_x50", 1, 55.0, 200)]
+    records = frontier_records(cells, "annealed")
+    assert all(set(FIELDS) <= set(r) for r in records)
+    x50 = {r["recipe"]: r for r in records if r["point"] == "ipq_x50"}
+    assert x50["none"]["ratio"] == 50.0 and x50["qn"]["ratio"] == 40.0 and x50["qn"]["test_ppl"] == 55.0
+    quick = [dict(r, preset="quick") for r in records]
+    both = merged(quick, records)
+    assert len(both) == 8
+    again = merged(both, records[:1])  # a rerun replaces its own panel only
+    assert len([r for r in again if r["preset"] == "quick"]) == 4 and len([r for r in again if r["preset"] == "annealed"]) == 1
+
+    def recs(recipe, *ppls):
+        return [{"recipe": recipe, "seed": i + 1, "test_ppl": p, "valid_ppl": p} for i, p in enumerate(ppls)]
+
+    baselines = {"none": recs("none", 60.0, 61.0), "qat_int4": recs("qat_int4", 62.0, 63.0)}
+    assert "noise wins: qn" in verdict("x", {**baselines, "qn": recs("qn", 58.0, 59.0)})
+    assert "no noise recipe beats" in verdict("x", {**baselines, "qn": recs("qn", 58.0, 60.5)})  # a seed inside the spread
+    assert "no noise recipe beats" in verdict("x", {**baselines, "qn": recs("qn", 50.0)})  # one seed is a screen, not a result
+    assert "a baseline is missing" in verdict("x", {"none": baselines["none"], "qn": recs("qn", 50.0, 50.0)})
+    assert verdict("x", {**baselines, "qn": recs("qn", 58.0, 59.0)}).startswith("chosen on valid: qn")
+
+
+def test_frontier_through_fairseq_keep_best(tiny_data, tmp_path):
+    """A keep_best preset on the tiny slice: fairseq takes the flags, checkpoint_best is compressed, and the
+    frontier's three files are written; a render-only rerun of another preset keeps this panel."""
+    grid = tmp_path / "grid"
+    shutil.copytree(REPO / "configs/experiments", grid)
+    text = (grid / "presets.yaml").read_text()
+    text = text.replace("    updates: 3\n    schedules:\n      ipq: configs/ipq/smoke/all_layers.yaml",
+                        "    updates: 6\n    lr_scheduler: polynomial_decay\n    keep_best: true\n    patience: 1\n"
+                        "    schedules:\n      ipq: configs/ipq/smoke/all_layers.yaml", 1)
+    (grid / "presets.yaml").write_text(text)
+    out = tmp_path / "results"
+    cmd = [sys.executable, REPO / "scripts/reproduce.py", "--grid", grid, "--preset", "smoke", "--table", "frontier", "--data", tiny_data,
+           "--work", tmp_path / "work", "--results", out, "--lm-modes", "none", "--lm-columns", "fp32", "int2", "ipq"]
+    log = run(cmd).output
+    assert "--lr-scheduler polynomial_decay" in log and "checkpoint_best.pt" in log
+    records = json.loads((out / "frontier_lm.json").read_text())
+    assert [(r["preset"], r["recipe"], r["point"]) for r in records] == [("smoke", "none", p) for p in ("fp32", "int2", "ipq")]
+    assert records[0]["ratio"] == 1.0 and records[1]["ratio"] > 4 and all(r["test_ppl"] > 1 and r["valid_ppl"] > 1 for r in records)
+    assert (out / "frontier_lm.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "frontier_lm.md").read_text()
+    assert "## Preset `smoke`" in table and "checkpoint_best on valid" in table and str(tmp_path) not in table
+
+    shutil.copy(REPO / "results/ablation_noise.json", out / "ablation_noise.json")
+    quick = run([sys.executable, REPO / "scripts/reproduce.py", "--grid", grid, "--experiment", "frontier_quick", "--seeds", "1", "2",
+                 "--work", tmp_path / "empty", "--results", out, "--render-only"]).output
+    assert "[cached] lm none_long ipq_k1024 seed 2" in quick and "[missing] lm qat_int4_long" not in quick
+    presets = {r["preset"] for r in json.loads((out / "frontier_lm.json").read_text())}
+    assert presets == {"smoke", "quick"} and "## Preset `quick`" in (out / "frontier_lm.md").read_text()
