@@ -143,8 +143,9 @@ def write_outputs(results: List[dict], table: str, selection: Dict, runner: Runn
     if table == "frontier":
         path = out / RESULT_JSON["frontier"]
         records = merged(json.loads(path.read_text()) if path.exists() else [], frontier_records(results, runner.preset_name))
+        text = render_frontier(records, runner.grid, command)  # before writing: its commit line must not see the tree dirty
         write_atomic(path, json.dumps(records, indent=1))
-        write_atomic(out / "frontier_lm.md", render_frontier(records, runner.grid, command))
+        write_atomic(out / "frontier_lm.md", text)
         plot_frontier(records, out / "frontier_lm.png")
         return
     if table == "ablation":
