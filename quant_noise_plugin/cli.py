@@ -317,6 +317,7 @@ def cmd_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .activations import OBSERVERS
+    from .scalar import SUPPORTED_BITS
 
     parser = argparse.ArgumentParser(prog="quant-noise", description="Quant-Noise + iPQ compression for fairseq models")
     parser.add_argument("--verbose", action="store_true", help="also show fairseq's own log lines (import notices, dictionaries)")
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("output")
     p.add_argument("--data")
-    p.add_argument("--scalar-bits", type=int, choices=(2, 3, 4, 8), default=None, help="int codes for layers left in float and the centroids")
+    p.add_argument("--scalar-bits", type=int, choices=SUPPORTED_BITS, default=None, help="int codes for layers left in float and the centroids")
     p.add_argument("--per-tensor", action="store_true", help="one scale and zero point per weight instead of per output row "
                    "(the paper's scalar baseline; with --scalar-bits)")
     p.add_argument("--activation-bits", type=int, default=None,

@@ -34,6 +34,7 @@ def broken_grid(tmp_path, file, old, new):
     ("columns.yaml", "  after_ipq: false", "  after_ipq: sometimes", "columns.yaml: int4: key after_ipq"),
     ("experiments.yaml", "modes: [qn_pq_0.1]", "modes: [qn_pq_7]", "experiments.yaml: demo: unknown mode 'qn_pq_7'"),
     ("presets.yaml", "    lr_scheduler: polynomial_decay\n", "    lr_scheduler: cosine\n", "presets.yaml: annealed.lm.lr_scheduler: 'cosine'"),
+    ("presets.yaml", "    keep_best: true\n", "    keep_best: false\n", "presets.yaml: annealed.lm.patience: needs keep_best: true"),
 ])
 def test_malformed_grid_fails_in_one_line_naming_the_culprit(tmp_path, file, old, new, culprit):
     folder = broken_grid(tmp_path, file, old, new)

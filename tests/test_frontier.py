@@ -32,11 +32,28 @@ def test_records_ratio_merge_and_verdict():
         return [{"recipe": recipe, "seed": i + 1, "test_ppl": p, "valid_ppl": p} for i, p in enumerate(ppls)]
 
     baselines = {"none": recs("none", 60.0, 61.0), "qat_int4": recs("qat_int4", 62.0, 63.0)}
-    assert "noise wins: qn" in verdict("x", {**baselines, "qn": recs("qn", 58.0, 59.0)})
-    assert "no noise recipe beats" in verdict("x", {**baselines, "qn": recs("qn", 58.0, 60.5)})  # a seed inside the spread
-    assert "no noise recipe beats" in verdict("x", {**baselines, "qn": recs("qn", 50.0)})  # one seed is a screen, not a result
-    assert "a baseline is missing" in verdict("x", {"none": baselines["none"], "qn": recs("qn", 50.0, 50.0)})
-    assert verdict("x", {**baselines, "qn": recs("qn", 58.0, 59.0)}).startswith("chosen on valid: qn")
+    assert "noise wins: qn" in verdict({**baselines, "qn": recs("qn", 58.0, 59.0)})
+    assert "no noise recipe beats" in verdict({**baselines, "qn": recs("qn", 58.0, 60.5)})  # a seed inside the spread
+    assert "no noise recipe beats" in verdict({**baselines, "qn": recs("qn", 50.0)})  # one seed is a screen, not a result
+    assert "a baseline is missing" in verdict({"none": baselines["none"], "qn": recs("qn", 50.0, 50.0)})
+    assert verdict({**baselines, "qn": recs("qn", 58.0, 59.0)}).startswith("chosen on valid: qn")
+
+
+def test_stored_records_fill_only_their_own_presets_cells(tmp_path):
+    """--render-only reads stored records by preset (their own key, else their command's --preset): a quick
+    record never fills a full-preset cell; frontier records read back as cells; a seedless record is seed 1."""
+    from experiments.cache import Cells
+
+    quick = dict(cell("none", "fp32", 1, 60.0, 8000), command="scripts/reproduce.py --preset quick")
+    full = {k: v for k, v in cell("none", "fp32", 1, 35.0, 8000).items() if k != "seed"} | {"command": "scripts/reproduce.py --lm-modes none"}
+    (tmp_path / "a.json").write_text(json.dumps([quick, full]))
+    (tmp_path / "f.json").write_text(json.dumps(frontier_records([dict(cell("qn", "int2", 2, 80.0, 700))], "annealed")))
+    key = ("lm", "none", "fp32", 1)
+    assert Cells(tmp_path, [tmp_path / "a.json"], "quick").fallback[key]["ppl"] == 60.0
+    assert Cells(tmp_path, [tmp_path / "a.json"], "full").fallback[key]["ppl"] == 35.0  # no --preset: reproduce.py's default
+    annealed = Cells(tmp_path, [tmp_path / "a.json", tmp_path / "f.json"], "annealed").fallback
+    assert list(annealed) == [("lm", "qn", "int2", 2)] and annealed[("lm", "qn", "int2", 2)]["ppl"] == 80.0
+    assert frontier_records([full, dict(full, column="int4", bytes=2000)], "full")[1]["ratio"] == 4.0
 
 
 def test_frontier_through_fairseq_keep_best(tiny_data, tmp_path):

@@ -24,10 +24,10 @@ BASELINES = NO_NOISE + QAT  # a noise recipe must beat a no-noise one and a QAT 
 def frontier_records(results: List[dict], preset: str) -> List[dict]:
     """The grid's LM cells of one preset as frontier records (ratio against the same recipe and seed's fp32)."""
     lm = [r for r in results if r["task"] == "lm"]
-    fp32 = {(r["mode"], r["seed"]): r["bytes"] for r in lm if r["column"] == "fp32"}
+    fp32 = {(r["mode"], r.get("seed", 1)): r["bytes"] for r in lm if r["column"] == "fp32"}  # old records: no seed, seed 1
     out = []
     for r in lm:
-        dense = fp32.get((r["mode"], r["seed"]))
+        dense = fp32.get((r["mode"], r.get("seed", 1)))
         out.append({"preset": preset, "recipe": r["mode"], "point": r["column"],
                     "ratio": round(dense / r["bytes"], 2) if dense else None, "bytes": r["bytes"], "seed": r.get("seed", 1),
                     "valid_ppl": r.get("valid_ppl"), "test_ppl": r["ppl"], **{k: r[k] for k in PROVENANCE if k in r}})
@@ -46,6 +46,11 @@ def as_cell(record: dict) -> dict:
     return {"task": "lm", "mode": record["recipe"], "column": record["point"], "seed": record["seed"], "bytes": record["bytes"],
             "ppl": record["test_ppl"], "valid_ppl": record["valid_ppl"], "preset": record["preset"],
             **{k: record[k] for k in PROVENANCE if k in record}}
+
+
+def panels(records: List[dict]) -> List[str]:
+    """The presets of ``records``, in the order the file and the plot show them (the quick panel last)."""
+    return sorted({r["preset"] for r in records}, key=lambda p: (p == "quick", p))
 
 
 def _by_point(records: List[dict]) -> Dict[str, Dict[str, List[dict]]]:
@@ -67,7 +72,7 @@ def _cell(rs: List[dict]) -> str:
     return f"{statistics.mean(test):.2f}{seeds}" + (f" [valid {valid:.2f}]" if valid is not None else "")
 
 
-def verdict(point: str, recipes: Dict[str, List[dict]]) -> str:
+def verdict(recipes: Dict[str, List[dict]]) -> str:
     """Which recipe this point chooses on valid (mean over seeds), and whether a noise recipe beats both
     baselines on test with every seed (each of its seeds below the best baseline seed)."""
     valid = {name: _mean(rs, "valid_ppl") for name, rs in recipes.items()}
@@ -98,13 +103,13 @@ def render_panel(records: List[dict], preset: str, doc: str) -> str:
         ratio = f"x{statistics.mean(ratios):.1f}" if ratios else "-"
         size = f"{statistics.mean(r['bytes'] for r in every) / 1e6:.3f} MB"
         cells = [(_cell(by[n]) if n in by else "-") for n in recipes]
-        lines.append(f"| {point} | {size} | {ratio} | " + " | ".join(cells) + f" | {verdict(point, by)} |")
+        lines.append(f"| {point} | {size} | {ratio} | " + " | ".join(cells) + f" | {verdict(by)} |")
     return "\n".join(lines)
 
 
 def render_frontier(records: List[dict], grid: Grid, command: str) -> str:
     """The whole file: a panel per preset, what each recipe and point is, and what computed each record."""
-    presets = sorted({r["preset"] for r in records}, key=lambda p: (p == "quick", p))
+    presets = panels(records)
     parts = ["# The LM's size/quality frontier: does training with Quant-Noise pay once the model is compressed?", "",
              "One panel per preset; rows are compression points, columns training recipes (`none`: no noise, `qat_int4`: QAT). "
              "The plot is `frontier_lm.png`, the records `frontier_lm.json`. A noise recipe wins a point when each of its "
@@ -142,7 +147,7 @@ def plot_frontier(records: List[dict], out) -> None:
 
     from .plot import save_png
 
-    presets = sorted({r["preset"] for r in records}, key=lambda p: (p == "quick", p))
+    presets = panels(records)
     fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.8), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         rs = [r for r in records if r["preset"] == preset]

@@ -192,9 +192,11 @@ def load_grid(configs: Path = CONFIGS) -> Grid:
                     raise GridError(f"{where}: tables.{kind}: unknown mode {name!r}")
     for name, preset in presets.items():
         for task in TASKS:
-            scheduler = getattr(preset, task).lr_scheduler
-            if scheduler not in LR_SCHEDULERS:
-                raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.lr_scheduler: {scheduler!r} (use {' or '.join(LR_SCHEDULERS)})")
+            spec = getattr(preset, task)
+            if spec.lr_scheduler not in LR_SCHEDULERS:
+                raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.lr_scheduler: {spec.lr_scheduler!r} (use {' or '.join(LR_SCHEDULERS)})")
+            if spec.patience and not spec.keep_best:  # patience needs a validation each epoch, which keep_best turns on
+                raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.patience: needs keep_best: true")
             for column, path in getattr(preset, task).schedules.items():
                 if "+" in column or column == "fp32" or column in packings:
                     raise GridError(f"{shown(configs / 'presets.yaml')}: {name}.{task}.schedules: {column!r} is not a schedule column name")

@@ -99,7 +99,7 @@ class Runner:
         flags = ["--lr", lr, "--lr-scheduler", spec.lr_scheduler, "--warmup-updates", warm]
         if spec.lr_scheduler == "polynomial_decay":
             flags += ["--total-num-update", updates, "--end-learning-rate", 0.0]
-        if spec.keep_best and spec.patience:
+        if spec.patience:  # the grid allows it only with keep_best
             flags += ["--patience", spec.patience]
         return flags
 
