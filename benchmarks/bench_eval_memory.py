@@ -4,7 +4,7 @@ an AVX2 CPU without VNNI. Writes results/bench_eval_memory.{md,json}.
 
     python benchmarks/bench_eval_memory.py [--repeat 2] [--data DIR] [--ipq CKPT --trained CKPT] [--no-sweep]
 
-1. A trained LM (default: the demo's row of the quick grid, `make demo`): fairseq-eval-lm on the test split
+1. A trained LM (default: the quick grid's `qn_pq_0.1` row and its ipq column): fairseq-eval-lm on the test split
    of ``--data`` with the iPQ model dense (`quant-noise unpack`: the anchor), packed (decoded once, the
    default; and QUANT_NOISE_LOW_MEMORY=1, rebuilt at every forward), packed w8a8 (int8 weights and
    calibrated int8 activations: each layer int8 or float as measured at load; and the fake-quant reference)
@@ -19,7 +19,6 @@ without VNNI" is this CPU with oneDNN, MKL and ATen limited to AVX2 (their own s
 ``ONEDNN_MAX_CPU_ISA=AVX2`` etc.): the int8 kernel's arithmetic of that class, not its clock or caches.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -117,7 +116,7 @@ def eval_lm(path: Path, data: Path, env) -> dict:
 
 
 def row_checkpoints(preset: str, row: str):
-    """A grid row's iPQ and dense training checkpoints, where `make demo` / `make reproduce` leave them."""
+    """A grid row's iPQ and dense training checkpoints, where `make reproduce` leaves them."""
     runner = Runner(load_grid(), preset, None, WORK, REPO / "data")
     return (runner.ipq_command("lm", row)[1] / "checkpoint_last.pt", runner.train_command("lm", row)[1] / "checkpoint_last.pt")
 
@@ -235,17 +234,18 @@ def main():
     parser.add_argument("--repeat", type=int, default=2, help="interleaved runs per checkpoint and CPU class; the best speed is kept")
     parser.add_argument("--data", type=Path, default=REPO / "data/lm/bin", help="binarized LM data with the models' dictionary (test split)")
     parser.add_argument("--preset", default="quick", help="with --row: the grid preset (default quick)")
-    parser.add_argument("--row", help="an LM row of the grid whose cached runs to use (default: the demo's row)")
+    parser.add_argument("--row", default="qn_pq_0.1", help="an LM row of the grid whose cached runs to use (default: qn_pq_0.1)")
     parser.add_argument("--ipq", type=Path, help="the iPQ checkpoint (default: the row's)")
     parser.add_argument("--trained", type=Path, help="the dense training checkpoint (default: the row's)")
     parser.add_argument("--batches", type=int, default=4, help="sweep: test batches of 2,048 tokens per timed pass")
     parser.add_argument("--no-sweep", action="store_true", help="only the trained LM")
     args = parser.parse_args()
-    row_ipq, row_trained = row_checkpoints(args.preset, args.row or load_grid().experiments["demo"].modes[0])
+    row_ipq, row_trained = row_checkpoints(args.preset, args.row)
     args.ipq, args.trained, args.data = (args.ipq or row_ipq).resolve(), (args.trained or row_trained).resolve(), args.data.resolve()
     for path in (args.ipq, args.trained):
         if not path.is_file():
-            raise SystemExit(f"{path}: no such checkpoint (run `make demo` first, or pass --ipq and --trained)")
+            raise SystemExit(f"{path}: no such checkpoint (run `scripts/reproduce.py --preset {args.preset} --lm-modes {args.row} "
+                             f"--lm-columns ipq --mt-modes --cls-modes` first, or pass --ipq and --trained)")
     bench = args.ipq.parent / "bench"
     bench.mkdir(parents=True, exist_ok=True)
     info = machine()

@@ -2,19 +2,21 @@
 """The main job: KJV data -> Quant-Noise training -> iPQ -> eval on the compressed checkpoint -> size.
 
 `make demo` runs it; about 15 minutes on 2 CPU cores. It is the `demo` experiment of
-configs/experiments/experiments.yaml run by the reproduction's runner (the quick preset's row, its
-columns), walked through step by step: its runs and cells are the reproduction's, so
+configs/experiments/experiments.yaml run by the reproduction's runner (the frontier's winning recipe,
+Quant-Noise P=0.1 on the annealed preset, then its x38 iPQ schedule), walked through step by step: its runs and cells are the reproduction's, so
 `scripts/reproduce.py --experiment demo` reuses them and the two cannot drift apart. Reruns reuse
 finished steps. The summary goes to WORK/results/demo.md (`--results results` replaces the shipped one).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiments.cache import write_atomic  # noqa: E402
+from experiments.frontier import means_at  # noqa: E402
 from experiments.grid import REPO, load_grid, shown  # noqa: E402
 from experiments.metrics import perplexity  # noqa: E402
 from experiments.provenance import commit, portable  # noqa: E402
@@ -75,6 +77,7 @@ def main(argv=None) -> None:
         f"{report['file_bytes'] / 1e6:.3f} MB on disk, {report['predicted_packed_file_bytes'] / 1e6:.3f} MB predicted by `quant-noise size`.\n"
         f"Perplexity change from iPQ: {100 * (ppl_packed / ppl_dense - 1):+.1f}%.\n"
     )
+    footer += frontier_line(args.preset, mode, ipq_column)
     print("\n" + table + footer)
     print(f"checkpoints: {shown(dense_fp32)} (dense fp32), {shown(packed)} (iPQ packed)")
     out = Path(args.results or Path(args.work) / "results") / "demo.md"
@@ -82,6 +85,18 @@ def main(argv=None) -> None:
     write_atomic(out, f"# make demo (KJV LM, {arch}, preset {args.preset}, row {mode})\n\n{table}\n{footer}\n"
                       f"Command: `make demo` (`{command.strip()}`), commit {commit()}.\n")
     print(f"written {out}")
+
+
+def frontier_line(preset: str, mode: str, point: str) -> str:
+    """Where this point stands among the training recipes, read from the shipped frontier (empty if it has none)."""
+    path = REPO / "results" / "frontier_lm.json"
+    means = means_at(json.loads(path.read_text()), preset, point) if path.exists() else {}
+    if mode not in means:
+        return ""
+    shown_means = ", ".join(f"`{name}` {ppl:.2f}" for name, (ppl, _) in sorted(means.items(), key=lambda kv: kv[1][0]))
+    seeds = max(n for _, n in means.values())
+    return (f"The same point on the frontier (results/frontier_lm.md, test ppl, mean of up to {seeds} seeds, "
+            f"`scripts/reproduce.py --experiment frontier --seeds 1 2`): {shown_means}.\n")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # cls_baselines, read for the classifier table
 from experiments.ablation import render_ablation  # noqa: E402
-from experiments.frontier import frontier_records, merged, plot_frontier, render_frontier  # noqa: E402
+from experiments.frontier import as_cell, frontier_records, merged, plot_frontier, render_frontier  # noqa: E402
 from experiments.cache import Cells, write_atomic  # noqa: E402
 from experiments.cell import cell  # noqa: E402
-from experiments.grid import CONFIGS, REPO, TASKS, Grid, GridError, load_grid  # noqa: E402
+from experiments.grid import CONFIGS, DEFAULT_PRESET, REPO, TASKS, Grid, GridError, load_grid  # noqa: E402
 from experiments.plot import plot  # noqa: E402
 from experiments.provenance import portable  # noqa: E402
 from experiments.runs import Runner  # noqa: E402
@@ -50,7 +50,7 @@ def parse(argv, grid: Grid) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=listing(grid),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", default=str(CONFIGS), help="folder of the grid's YAML files (default: configs/experiments)")
-    parser.add_argument("--preset", choices=list(grid.presets), default="full")
+    parser.add_argument("--preset", choices=list(grid.presets), default=DEFAULT_PRESET)
     parser.add_argument("--experiment", choices=list(grid.experiments), help="a named selection (preset, rows, columns)")
     parser.add_argument("--data", default=str(REPO / "data"))
     parser.add_argument("--work", default=str(REPO / "work_dirs" / "reproduce"))
@@ -58,7 +58,7 @@ def parse(argv, grid: Grid) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: the preset's, 1); tables show each and their mean")
     parser.add_argument("--table", choices=TABLES,
                         help="grid (default): lm_kjv.md / mt_en_es.md / cls_kjv_pairs.md; ablation: ablation_noise.md (valid and test, "
-                             "vs the dense control); frontier: frontier_lm.md/.png/.json (this preset's panel, the others' kept)")
+                             "vs the dense control); frontier: frontier_lm.md/.png/.json (the records computed replace theirs, the others are kept)")
     for task in TASKS:
         parser.add_argument(f"--{task}-modes", nargs="*", help=f"rows of the {task} table (default: configs/experiments/{task}.yaml's tables)")
         parser.add_argument(f"--{task}-columns", nargs="*")
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     fallback = [out / RESULT_JSON[args.table]] + ([out / RESULT_JSON["ablation"], out / RESULT_JSON["grid"]] if args.table == "frontier" else [])
-    cells = Cells(Path(args.work).resolve(), fallback if args.render_only else [], args.preset)
+    cells = Cells(Path(args.work).resolve(), stored_cells(fallback) if args.render_only else [], args.preset)
     selection = {task: (getattr(args, f"{task}_modes"), getattr(args, f"{task}_columns")) for task in TASKS}
     results = []
     for seed in seeds:  # every cell of the first seed, then of the next: partial tables are complete rows early
@@ -136,6 +136,11 @@ def main(argv=None) -> None:
     for name in names:
         if (out / name).exists():
             print((out / name).read_text())
+
+
+def stored_cells(paths: List[Path]) -> List[dict]:
+    """The records of the results folder's JSON files, as grid cells (frontier records read back), first file first."""
+    return [as_cell(r) if "recipe" in r else r for path in paths if path.is_file() for r in json.loads(path.read_text())]
 
 
 def write_outputs(results: List[dict], table: str, selection: Dict, runner: Runner, out: Path, seeds: List[int], command: str) -> None:

@@ -66,19 +66,23 @@ def test_a_row_is_a_yaml_edit(tmp_path):
     assert "my_row" in run([sys.executable, REPO / "scripts/reproduce.py", "--grid", folder, "--help"]).output
 
 
-def test_demo_and_quick_preset_build_the_same_commands(tmp_path):
-    """`make demo`'s script and the reproduction of the demo's row print the same fairseq/quant-noise command lines."""
+def test_demo_and_its_preset_build_the_same_commands(tmp_path):
+    """`make demo`'s script and the reproduction of the demo's row print the same fairseq/quant-noise command lines:
+    the demo's runs are the frontier's (annealed preset, the Quant-Noise row, its x50 schedule)."""
     common = ["--data", tmp_path / "data", "--work", tmp_path / "work", "--dry-run"]
     demo = run([sys.executable, REPO / "scripts/demo.py", *common]).output
     grid = load_grid()
-    row, columns = grid.experiments["demo"].modes[0], grid.experiments["demo"].columns
-    reproduce = run([sys.executable, REPO / "scripts/reproduce.py", "--preset", "quick", "--lm-modes", row, "--lm-columns", *columns,
-                     "--mt-modes", "--cls-modes", *common]).output
+    experiment = grid.experiments["demo"]
+    row, columns = experiment.modes[0], experiment.columns
+    reproduce = run([sys.executable, REPO / "scripts/reproduce.py", "--preset", experiment.preset, "--lm-modes", row,
+                     "--lm-columns", *columns, "--mt-modes", "--cls-modes", *common]).output
     commands = [[line for line in out.splitlines() if line.startswith("$ ")] for out in (demo, reproduce)]
     assert sorted(commands[0]) == sorted(commands[1]) and len(commands[0]) == 4  # train, unpack, iPQ, pack
     train = [line for line in commands[0] if "--task language_modeling" in line][0]
-    assert f"--max-update {grid.presets['quick'].lm.updates}" in train and "--quant-noise-pq 0.1" in train
-    assert "--warmup-updates 120" in train  # the quick preset's warmup, not a demo-only value
+    assert f"--max-update {grid.presets[experiment.preset].lm.updates}" in train and "--quant-noise-pq 0.1" in train
+    assert "--lr-scheduler polynomial_decay" in train and "--patience 2" in train  # the preset's schedule, not a demo-only one
+    ipq = [line for line in commands[0] if "--task ipq_language_modeling" in line][0]
+    assert "qn_transformer_lm_demo_x50.yaml" in ipq and "checkpoint_best.pt" in ipq
 
 
 def test_demo_script_end_to_end_on_the_smoke_preset(tiny_data, tmp_path):

@@ -7,7 +7,7 @@ import sys
 from conftest import REPO, run
 
 sys.path.insert(0, str(REPO / "scripts"))
-from experiments.frontier import FIELDS, frontier_records, merged, verdict  # noqa: E402
+from experiments.frontier import FIELDS, frontier_records, means_at, merged, verdict  # noqa: E402
 
 
 def cell(mode, column, seed, ppl, size):
@@ -25,8 +25,8 @@ def test_records_ratio_merge_and_verdict():
     quick = [dict(r, preset="quick") for r in records]
     both = merged(quick, records)
     assert len(both) == 8
-    again = merged(both, records[:1])  # a rerun replaces its own panel only
-    assert len([r for r in again if r["preset"] == "quick"]) == 4 and len([r for r in again if r["preset"] == "annealed"]) == 1
+    again = merged(both, [dict(records[0], test_ppl=1.0)])  # a rerun replaces its own records only
+    assert len(again) == 8 and [r["test_ppl"] for r in again if r["test_ppl"] == 1.0] == [1.0]
 
     def recs(recipe, *ppls):
         return [{"recipe": recipe, "seed": i + 1, "test_ppl": p, "valid_ppl": p} for i, p in enumerate(ppls)]
@@ -39,19 +39,29 @@ def test_records_ratio_merge_and_verdict():
     assert verdict({**baselines, "qn": recs("qn", 58.0, 59.0)}).startswith("chosen on valid: qn")
 
 
+def test_means_at_one_point_of_one_panel():
+    """What the demo prints beside its own numbers: each recipe's mean over its seeds, this preset and point only."""
+    cells = [cell("none", "ipq_x50", 1, 60.0, 160), cell("none", "ipq_x50", 2, 64.0, 160), cell("qn", "ipq_x50", 1, 55.0, 200),
+             cell("qn", "fp32", 1, 44.0, 8000)]
+    records = frontier_records(cells, "annealed") + [dict(r, preset="quick", test_ppl=1.0) for r in frontier_records(cells, "x")]
+    assert means_at(records, "annealed", "ipq_x50") == {"none": (62.0, 2), "qn": (55.0, 1)}
+    assert means_at(records, "annealed", "int2") == {} and means_at(records, "smoke", "ipq_x50") == {}
+
+
 def test_stored_records_fill_only_their_own_presets_cells(tmp_path):
     """--render-only reads stored records by preset (their own key, else their command's --preset): a quick
     record never fills a full-preset cell; frontier records read back as cells; a seedless record is seed 1."""
     from experiments.cache import Cells
+    from reproduce import stored_cells
 
     quick = dict(cell("none", "fp32", 1, 60.0, 8000), command="scripts/reproduce.py --preset quick")
     full = {k: v for k, v in cell("none", "fp32", 1, 35.0, 8000).items() if k != "seed"} | {"command": "scripts/reproduce.py --lm-modes none"}
     (tmp_path / "a.json").write_text(json.dumps([quick, full]))
     (tmp_path / "f.json").write_text(json.dumps(frontier_records([dict(cell("qn", "int2", 2, 80.0, 700))], "annealed")))
     key = ("lm", "none", "fp32", 1)
-    assert Cells(tmp_path, [tmp_path / "a.json"], "quick").fallback[key]["ppl"] == 60.0
-    assert Cells(tmp_path, [tmp_path / "a.json"], "full").fallback[key]["ppl"] == 35.0  # no --preset: reproduce.py's default
-    annealed = Cells(tmp_path, [tmp_path / "a.json", tmp_path / "f.json"], "annealed").fallback
+    assert Cells(tmp_path, stored_cells([tmp_path / "a.json"]), "quick").fallback[key]["ppl"] == 60.0
+    assert Cells(tmp_path, stored_cells([tmp_path / "a.json"]), "full").fallback[key]["ppl"] == 35.0  # no --preset: the default
+    annealed = Cells(tmp_path, stored_cells([tmp_path / "a.json", tmp_path / "f.json", tmp_path / "missing.json"]), "annealed").fallback
     assert list(annealed) == [("lm", "qn", "int2", 2)] and annealed[("lm", "qn", "int2", 2)]["ppl"] == 80.0
     assert frontier_records([full, dict(full, column="int4", bytes=2000)], "full")[1]["ratio"] == 4.0
 

@@ -4,7 +4,8 @@ A run directory is named by the key of the command that makes it (data and work 
 by placeholders, the device left out), so a changed flag, budget or base is another run and an
 interrupted one resumes (fairseq restarts from checkpoint_last.pt). A cell is one JSON record
 under WORK/cells, named by the key of the file it evaluates. With ``--render-only``, a cell not
-in the cache is taken from the results folder's own JSON (the cells its tables were made from).
+in the cache is taken from the results folder's own JSON (the cells its tables were made from),
+read by the caller (frontier records come back through ``frontier.as_cell``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
+
+from .grid import DEFAULT_PRESET
 
 DONE = "DONE"
 
@@ -44,23 +47,19 @@ def preset_of(record: dict) -> str:
     if "preset" in record:
         return record["preset"]
     words = str(record.get("command", "")).split()
-    return words[words.index("--preset") + 1] if "--preset" in words[:-1] else "full"
+    return words[words.index("--preset") + 1] if "--preset" in words[:-1] else DEFAULT_PRESET
 
 
 class Cells:
-    """The computed cells: WORK/cells/<task>-<mode>-<column>-<key>.json, plus (render-only) results JSONs,
-    the first file's record winning; only records of ``preset`` are read from them."""
+    """The computed cells: WORK/cells/<task>-<mode>-<column>-<key>.json, plus (render-only) ``stored`` cells
+    read from results JSONs, the first record of a cell winning; only those of ``preset`` are kept."""
 
-    def __init__(self, work: Path, fallback: Iterable[Path] = (), preset: Optional[str] = None):
-        from .frontier import as_cell
-
+    def __init__(self, work: Path, stored: Iterable[dict] = (), preset: Optional[str] = None):
         self.root = work / "cells"
         self.fallback: Dict[Tuple[str, str, str, int], dict] = {}
-        for path in fallback:
-            if path.is_file():
-                for r in map(lambda r: as_cell(r) if "recipe" in r else r, json.loads(path.read_text())):
-                    if preset is None or preset_of(r) == preset:
-                        self.fallback.setdefault((r["task"], r["mode"], r["column"], r.get("seed", 1)), r)
+        for r in stored:
+            if preset is None or preset_of(r) == preset:
+                self.fallback.setdefault((r["task"], r["mode"], r["column"], r.get("seed", 1)), r)
 
     def path(self, task: str, mode: str, column: str, identity: List) -> Path:
         return self.root / f"{task}-{mode}-{column}-{key(*identity)}.json"

@@ -4,13 +4,13 @@ on disk, one line per training recipe, one panel per preset.
 A record is the issue's flat shape: {"preset", "recipe", "point", "ratio", "bytes", "seed",
 "valid_ppl", "test_ppl"} (recipe: the grid's row, `none` for no noise, `qat_int4` for QAT; point: the
 compression column; ratio: the recipe's own fp32 file over this file). Each run of the grid refreshes
-its own preset's records and keeps the other presets', so panels computed at different times (or on
+the records it computed and keeps the others, so panels and rows computed at different times (or on
 different machines) live in one file. Pure text and a plot; nothing here runs fairseq.
 """
 from __future__ import annotations
 
 import statistics
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .grid import Grid
 from .tables import command_line
@@ -34,10 +34,15 @@ def frontier_records(results: List[dict], preset: str) -> List[dict]:
     return out
 
 
+def _identity(record: dict) -> tuple:
+    return record["preset"], record["recipe"], record["point"], record["seed"]
+
+
 def merged(old: List[dict], new: List[dict]) -> List[dict]:
-    """``new`` replaces the records of its presets in ``old``; records in a stable order."""
-    presets = {r["preset"] for r in new}
-    keep = [r for r in old if r["preset"] not in presets]
+    """``new`` replaces the records of ``old`` with its identities (preset, recipe, point, seed) and keeps
+    the rest, so experiments with other rows or columns of one preset add up; records in a stable order."""
+    fresh = {_identity(r) for r in new}
+    keep = [r for r in old if _identity(r) not in fresh]
     return sorted(keep + new, key=lambda r: (r["preset"], r["recipe"], -r["bytes"], r["point"], r["seed"]))
 
 
@@ -46,6 +51,12 @@ def as_cell(record: dict) -> dict:
     return {"task": "lm", "mode": record["recipe"], "column": record["point"], "seed": record["seed"], "bytes": record["bytes"],
             "ppl": record["test_ppl"], "valid_ppl": record["valid_ppl"], "preset": record["preset"],
             **{k: record[k] for k in PROVENANCE if k in record}}
+
+
+def means_at(records: List[dict], preset: str, point: str) -> Dict[str, Tuple[float, int]]:
+    """Each recipe's mean test ppl (and its number of seeds) at one point of one panel: what the demo compares to."""
+    by = _by_point([r for r in records if r["preset"] == preset]).get(point, {})
+    return {name: (statistics.mean(r["test_ppl"] for r in rs), len(rs)) for name, rs in by.items()}
 
 
 def panels(records: List[dict]) -> List[str]:

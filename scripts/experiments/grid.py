@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments"
 TASKS = ("lm", "mt", "cls")
+DEFAULT_PRESET = "full"  # reproduce.py's --preset, and the preset of stored records that name none
 LR_SCHEDULERS = ("inverse_sqrt", "polynomial_decay")
 
 
