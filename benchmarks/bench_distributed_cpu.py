@@ -5,13 +5,13 @@ this machine, the same global batch. Writes results/distributed_cpu.{md,json}.
     python benchmarks/bench_distributed_cpu.py [--processes 2] [--repeat 2] [--updates 40]
 """
 import argparse
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _logs import train_wps  # noqa: E402
 from _results import write_result  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -20,7 +20,7 @@ TOKENS = 2048
 
 def tokens_per_s(cmd) -> float:
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO)
-    lines = re.findall(r"train_inner .*? wps=([\d.]+)", out.stdout + out.stderr)
+    lines = train_wps(out.stdout + out.stderr)
     if out.returncode or not lines:
         raise SystemExit((out.stdout + out.stderr)[-3000:])
     return float(lines[-1])  # the last interval: start-up excluded

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "scripts"))
+from _logs import PRINT_PEAK_RSS, logged  # noqa: E402
 from _results import write_result  # noqa: E402
 from experiments.grid import load_grid  # noqa: E402
 from experiments.runs import Runner  # noqa: E402
@@ -43,12 +44,11 @@ FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SWEEP = [(width, layers) for width in (64, 128, 256, 512) for layers in (2, 4)]
 
 EVAL = """
-import resource, sys
+import sys
 from fairseq_cli.eval_lm import cli_main
 sys.argv = ["fairseq-eval-lm"] + sys.argv[1:]
 cli_main()
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+""" + PRINT_PEAK_RSS
 
 RESIDENT = """
 import gc, sys, torch
@@ -102,16 +102,12 @@ def python(code: str, *args, env=None) -> str:
     return out.stdout + out.stderr
 
 
-def value(name: str, text: str) -> float:
-    return float(re.search(rf"{name} ([\d.]+)", text).group(1))
-
-
 def eval_lm(path: Path, data: Path, env) -> dict:
     text = python(EVAL, data, "--user-dir", PLUGIN, "--path", path, "--gen-subset", "test", "--cpu", "--tokens-per-sample", 128,
                   "--max-tokens", 4096, "--context-window", 64, env=env)
     said = [line.split("int8 activations: ", 1)[1] for line in text.splitlines() if "int8 activations: " in line]
     return {"tokens_per_s": float(re.search(r"\(([\d.,]+) tokens/s\)", text).group(1).replace(",", "")),
-            "ppl": float(text.rsplit("Perplexity:", 1)[1].split()[0]), "peak_rss_mb": value("MAXRSS_KB", text) / 1024,
+            "ppl": float(text.rsplit("Perplexity:", 1)[1].split()[0]), "peak_rss_mb": logged("MAXRSS_KB", text) / 1024,
             "file_mb": path.stat().st_size / 1e6, "load_line": said[0] if said else ""}
 
 
@@ -151,7 +147,7 @@ def trained_section(args, bench: Path) -> dict:
             for name, (path, env) in runs.items():
                 print(f"[{cpu} {i + 1}/{args.repeat}] {name} ...", flush=True)
                 result = eval_lm(path, args.data, {**cpu_env, **env})
-                result["model_mb"] = value("MODEL_MB", python(RESIDENT, path, args.data, env={**cpu_env, **env, **FIXED_MMAP}))
+                result["model_mb"] = logged("MODEL_MB", python(RESIDENT, path, args.data, env={**cpu_env, **env, **FIXED_MMAP}))
                 trials[name].append(result)
         results[cpu] = {name: best_of(t) for name, t in trials.items()}
     return results
@@ -193,7 +189,7 @@ def sweep_section(args, bench: Path) -> dict:
             for (shape, kind) in trials:
                 print(f"[{cpu} {i + 1}/{args.repeat}] {shape[0]} wide x {shape[1]} layers, {kind} ...", flush=True)
                 out = python(FORWARD, models[shape][kind], args.data, args.batches, env=cpu_env)
-                trials[(shape, kind)].append({"tokens_per_s": value("TOKENS_PER_S", out)})
+                trials[(shape, kind)].append({"tokens_per_s": logged("TOKENS_PER_S", out)})
         results[cpu] = {f"{w}x{l}": {kind: best_of(trials[((w, l), kind)])["tokens_per_s"] for kind in ("dense", "packed", "w8a8")}
                         for (w, l) in models}
     return results

@@ -9,7 +9,6 @@ favour one of them. Ratios are to the no-noise run. Writes results/bench_noise_t
     python benchmarks/bench_noise_throughput.py [--updates 100] [--repeats 3]
 """
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _logs import train_wps  # noqa: E402
 from _results import write_result  # noqa: E402
 MODEL = ["--decoder-layers", "4", "--decoder-embed-dim", "256", "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4",
          "--share-decoder-input-output-embed", "--decoder-input-dim", "256", "--decoder-output-dim", "256"]
@@ -39,7 +39,7 @@ def words_per_second(args, updates):
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(out.stdout[-2000:] + out.stderr[-2000:])
-        wps = [float(m) for m in re.findall(r"train_inner .* wps=([\d.]+)", out.stdout + out.stderr)]
+        wps = train_wps(out.stdout + out.stderr)
         return sum(wps[1:]) / len(wps[1:])  # the first interval includes start-up
 
 

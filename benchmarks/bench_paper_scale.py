@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "scripts"))
+from _logs import PRINT_PEAK_RSS, logged  # noqa: E402
 from _results import write_result  # noqa: E402
 from experiments.shell import PLUGIN, sh, size_report  # noqa: E402
 
@@ -45,24 +46,22 @@ H100_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak, for the labelled projec
 PROJECTED_UTILIZATION = 0.4
 
 PEAK = """
-import resource, sys, runpy
+import sys, runpy
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
-"""
+    """ + PRINT_PEAK_RSS
 
 LOAD = """
-import resource, sys, time
+import sys, time
 start = time.perf_counter()
 import quant_noise_plugin
 from fairseq import checkpoint_utils
 imported = time.perf_counter()
 models, _, _ = checkpoint_utils.load_model_ensemble_and_task([sys.argv[1]], arg_overrides={"data": sys.argv[2]})
 print("LOAD_S", time.perf_counter() - imported)
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+""" + PRINT_PEAK_RSS
 
 
 def bin_of(name: str) -> str:
@@ -72,10 +71,6 @@ def bin_of(name: str) -> str:
 def peak_run(cmd, log: Path) -> str:
     """A console script under ``PEAK`` (its peak RSS printed at the end), logged to ``log``."""
     return sh([sys.executable, "-c", PEAK, bin_of(cmd[0]), *cmd[1:]], log)
-
-
-def value(name: str, text: str) -> float:
-    return float(re.findall(rf"{name} ([\d.]+)", text)[-1])
 
 
 def prepare_data(name: str, spec: dict, folder: Path) -> Path:
@@ -134,7 +129,7 @@ def run_model(name: str, updates_per_stage: int) -> dict:
                     "--disable-validation", "--save-dir", train], folder / "train.log")
     params = int(re.search(r"num\. shared model params: ([\d,]+)", log).group(1).replace(",", ""))
     steps = step_seconds(log, spec["tokens"])
-    result.update(params=params, train_step_s=min(steps), train_steps_s=steps, train_peak_rss_gb=value("MAXRSS_KB", log) / 2**20)
+    result.update(params=params, train_step_s=min(steps), train_steps_s=steps, train_peak_rss_gb=logged("MAXRSS_KB", log) / 2**20)
     flops = 6 * params * spec["tokens"]  # forward and backward, weights only (attention and the softmax's sparsity aside)
     result["projected_h100_step_s"] = flops / (H100_BF16_FLOPS * PROJECTED_UTILIZATION)
 
@@ -146,7 +141,7 @@ def run_model(name: str, updates_per_stage: int) -> dict:
     log = peak_run(["fairseq-train", data, "--task", spec["ipq_task"], "--ipq-config", schedule, "--finetune-from-model",
                     train / "checkpoint_last.pt", *common(spec, stages_total), "--save-dir", ipq], folder / "ipq.log")
     result["ipq_wall_s"] = time.perf_counter() - start
-    result["ipq_peak_rss_gb"] = value("MAXRSS_KB", log) / 2**20
+    result["ipq_peak_rss_gb"] = logged("MAXRSS_KB", log) / 2**20
     stages = []
     for match in re.finditer(r"ipq stage (\d+) \((\w+)\) quantized at update (\d+): model ([\d.]+) MB \(fp16 rest\) vs ([\d.]+) MB "
                              r"fp32, x([\d.]+); k-means of (\d+) weights ([\d.]+) s, process peak RSS ([\d.]+) GB", log):
@@ -166,7 +161,7 @@ def run_model(name: str, updates_per_stage: int) -> dict:
     result.update(int8_pack(folder))
     for kind, path in (("packed", packed), ("dense", dense)):
         out = subprocess.run([sys.executable, "-c", LOAD, str(path), str(data)], capture_output=True, text=True, check=True).stdout
-        result[f"{kind}_load_s"], result[f"{kind}_load_peak_rss_gb"] = value("LOAD_S", out), value("MAXRSS_KB", out) / 2**20
+        result[f"{kind}_load_s"], result[f"{kind}_load_peak_rss_gb"] = logged("LOAD_S", out), logged("MAXRSS_KB", out) / 2**20
     if name == "lm":
         log = sh(["fairseq-eval-lm", data, "--user-dir", PLUGIN, "--path", packed, "--gen-subset", "test", "--cpu",
                   "--tokens-per-sample", 512, "--max-tokens", 3072, "--context-window", 256])
