@@ -20,10 +20,10 @@ TOKENS = 2048
 
 def tokens_per_s(cmd) -> float:
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO)
-    lines = train_wps(out.stdout + out.stderr)
-    if out.returncode or not lines:
+    wps = train_wps(out.stdout + out.stderr)
+    if out.returncode or not wps:
         raise SystemExit((out.stdout + out.stderr)[-3000:])
-    return float(lines[-1])  # the last interval: start-up excluded
+    return wps[-1]  # the last interval: start-up excluded
 
 
 def main():

@@ -5,8 +5,8 @@
 configs/experiments/experiments.yaml run by the reproduction's runner (the frontier's winning recipe,
 Quant-Noise P=0.1 on the annealed preset, then its x38 iPQ schedule), walked through step by step:
 its runs and cells are the reproduction's, so `scripts/reproduce.py --experiment demo` reuses them and
-the two cannot drift apart. Reruns reuse
-finished steps. The summary goes to WORK/results/demo.md (`--results results` replaces the shipped one).
+the two cannot drift apart. Reruns reuse finished steps. The summary goes to WORK/results/demo.md
+(`--results results` replaces the shipped one).
 """
 from __future__ import annotations
 
