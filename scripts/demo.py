@@ -3,9 +3,9 @@
 
 `make demo` runs it; about 15 minutes on 2 CPU cores. It is the `demo` experiment of
 configs/experiments/experiments.yaml run by the reproduction's runner (the frontier's winning recipe,
-Quant-Noise P=0.1 on the annealed preset, then its x38 iPQ schedule), walked through step by step:
-its runs and cells are the reproduction's, so `scripts/reproduce.py --experiment demo` reuses them and
-the two cannot drift apart. Reruns reuse finished steps. The summary goes to WORK/results/demo.md
+centroid Quant-Noise P=0.1 at the schedule's K on the annealed preset, then its x38 iPQ schedule), walked
+through step by step: its runs and cells are the reproduction's, so `scripts/reproduce.py --experiment demo`
+reuses them and the two cannot drift apart. Reruns reuse finished steps. The summary goes to WORK/results/demo.md
 (`--results results` replaces the shipped one).
 """
 from __future__ import annotations
@@ -94,10 +94,11 @@ def frontier_line(preset: str, mode: str, point: str) -> str:
     means = means_at(json.loads(path.read_text()), preset, point) if path.exists() else {}
     if mode not in means:
         return ""
-    shown_means = ", ".join(f"`{name}` {ppl:.2f}" for name, (ppl, _) in sorted(means.items(), key=lambda kv: kv[1][0]))
     seeds = max(n for _, n in means.values())
-    return (f"The same point on the frontier (results/frontier_lm.md, test ppl, mean of up to {seeds} seeds, "
-            f"`scripts/reproduce.py --experiment frontier --seeds 1 2`): {shown_means}.\n")
+    final = {name: ppl for name, (ppl, n) in means.items() if n == seeds}  # the rows with every seed, not the screened ones
+    shown_means = ", ".join(f"`{name}` {ppl:.2f}" for name, ppl in sorted(final.items(), key=lambda kv: kv[1]))
+    return (f"The same point on the frontier (results/frontier_lm.md, test ppl, the recipes run with {seeds} seeds, their mean; "
+            f"each record's command is in that file): {shown_means}.\n")
 
 
 if __name__ == "__main__":

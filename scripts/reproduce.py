@@ -20,7 +20,7 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # cls_baselines, read for the classifier table
 from experiments.ablation import render_ablation  # noqa: E402
-from experiments.frontier import as_cell, frontier_records, merged, plot_frontier, render_frontier  # noqa: E402
+from experiments.frontier import FRONTIER_TASKS, as_cell, file_name, frontier_records, merged, plot_frontier, render_frontier  # noqa: E402
 from experiments.cache import Cells, write_atomic  # noqa: E402
 from experiments.cell import cell  # noqa: E402
 from experiments.grid import CONFIGS, DEFAULT_PRESET, REPO, TASKS, Grid, GridError, load_grid  # noqa: E402
@@ -30,7 +30,7 @@ from experiments.runs import Runner  # noqa: E402
 from experiments.shell import sh  # noqa: E402
 from experiments.tables import TABLE_FILES, cls_baselines_text, render  # noqa: E402
 
-RESULT_JSON = {"grid": "reproduce.json", "ablation": "ablation_noise.json", "frontier": "frontier_lm.json"}
+RESULT_JSON = {"grid": "reproduce.json", "ablation": "ablation_noise.json", "frontier": file_name("lm", "json")}
 TABLES = tuple(RESULT_JSON)
 
 
@@ -58,7 +58,8 @@ def parse(argv, grid: Grid) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: the preset's, 1); tables show each and their mean")
     parser.add_argument("--table", choices=TABLES,
                         help="grid (default): lm_kjv.md / mt_en_es.md / cls_kjv_pairs.md; ablation: ablation_noise.md (valid and test, "
-                             "vs the dense control); frontier: frontier_lm.md/.png/.json (the records computed replace theirs, the others are kept)")
+                             "vs the dense control); frontier: frontier_lm.md/.png/.json, the classifier's frontier_cls.* (the records computed replace "
+                             "theirs, the others are kept)")
     for task in TASKS:
         parser.add_argument(f"--{task}-modes", nargs="*", help=f"rows of the {task} table (default: configs/experiments/{task}.yaml's tables)")
         parser.add_argument(f"--{task}-columns", nargs="*")
@@ -120,7 +121,9 @@ def main(argv=None) -> None:
     runners = {seed: Runner(grid, args.preset, seed, Path(args.work), Path(args.data), args.device, schedules, args.dry_run) for seed in seeds}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    fallback = [out / RESULT_JSON[args.table]] + ([out / RESULT_JSON["ablation"], out / RESULT_JSON["grid"]] if args.table == "frontier" else [])
+    fallback = [out / RESULT_JSON[args.table]]
+    if args.table == "frontier":
+        fallback = [out / file_name(task, "json") for task in FRONTIER_TASKS] + [out / RESULT_JSON["ablation"], out / RESULT_JSON["grid"]]
     cells = Cells(Path(args.work).resolve(), stored_cells(fallback) if args.render_only else [], args.preset)
     selection = {task: (getattr(args, f"{task}_modes"), getattr(args, f"{task}_columns")) for task in TASKS}
     results = []
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
                     if result is not None:
                         results.append(result)
                         write_outputs(results, args.table, selection, runners[seeds[0]], out, seeds, command)
-    names = {"ablation": ("ablation_noise.md",), "frontier": ("frontier_lm.md",)}.get(args.table, tuple(TABLE_FILES.values()))
+    names = {"ablation": ("ablation_noise.md",), "frontier": tuple(file_name(t, "md") for t in FRONTIER_TASKS)}.get(args.table, tuple(TABLE_FILES.values()))
     for name in names:
         if (out / name).exists():
             print((out / name).read_text())
@@ -146,12 +149,14 @@ def stored_cells(paths: List[Path]) -> List[dict]:
 def write_outputs(results: List[dict], table: str, selection: Dict, runner: Runner, out: Path, seeds: List[int], command: str) -> None:
     tasks = [task for task in TASKS if any(r["task"] == task for r in results)]
     if table == "frontier":
-        path = out / RESULT_JSON["frontier"]
-        records = merged(json.loads(path.read_text()) if path.exists() else [], frontier_records(results, runner.preset_name))
-        text = render_frontier(records, runner.grid, command)  # before writing: its commit line must not see the tree dirty
-        write_atomic(path, json.dumps(records, indent=1))
-        write_atomic(out / "frontier_lm.md", text)
-        plot_frontier(records, out / "frontier_lm.png")
+        for task in (t for t in tasks if t in FRONTIER_TASKS):
+            path = out / file_name(task, "json")
+            records = merged(json.loads(path.read_text()) if path.exists() else [], frontier_records(results, runner.preset_name, task))
+            preamble = cls_baselines_text(cls_baselines_of(runner)) if task == "cls" else ""
+            text = render_frontier(records, runner.grid, command, task, preamble)  # before writing: its commit line must not see the tree dirty
+            write_atomic(path, json.dumps(records, indent=1))
+            write_atomic(out / file_name(task, "md"), text)
+            plot_frontier(records, out / file_name(task, "png"), task)
         return
     if table == "ablation":
         parts = [render_ablation(results, task, *selection[task], runner, seeds, command) for task in tasks]
@@ -160,14 +165,17 @@ def write_outputs(results: List[dict], table: str, selection: Dict, runner: Runn
         write_atomic(out / "ablation_noise.json", json.dumps(results, indent=1))
         return
     for task in tasks:
-        baselines = ""
-        if task == "cls":
-            from cls_baselines import baselines as cls_baselines
-
-            baselines = cls_baselines_text(cls_baselines(runner.data))
+        baselines = cls_baselines_text(cls_baselines_of(runner)) if task == "cls" else ""
         write_atomic(out / TABLE_FILES[task], render(results, task, *selection[task], runner, seeds, command, baselines))
     write_atomic(out / "reproduce.json", json.dumps(results, indent=1))
     plot(results, out / "size_vs_quality.png")
+
+
+def cls_baselines_of(runner: Runner) -> dict:
+    """The classifier's majority-class and bag-of-words accuracies on its data (computed once, cached beside it)."""
+    from cls_baselines import baselines
+
+    return baselines(runner.data)
 
 
 if __name__ == "__main__":

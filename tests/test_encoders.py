@@ -117,6 +117,12 @@ def test_masked_lm_then_classification_then_ipq_then_validate(encoder_runs, tmp_
     out = run(["quant-noise", "pack", compressed, w8a8, "--scalar-bits", "8", "--activation-bits", "8", "--calibrate", cls]).output
     assert "encoder.lm_head.dense never ran" in out  # a classifier does not use the LM head
     assert 0 < validate(cls, w8a8, "--user-dir", PLUGIN) < 100
+    int4 = tmp_path / "int4.pt"  # the head's few rows as bit-packed codes: fairseq's head logic still finds their shapes
+    run(["quant-noise", "pack", root / "cls" / "checkpoint_last.pt", int4, "--scalar-bits", "4"])
+    from quant_noise_plugin.models.qn_roberta import head_shapes
+
+    assert head_shapes(torch.load(int4, weights_only=True)["model"], 64) == {"sentence_classification_head": (3, 64)}  # qn_roberta_tiny: 64 wide
+    assert 0 < validate(cls, int4, "--user-dir", PLUGIN) < 100
     dense = tmp_path / "dense.pt"
     run(["quant-noise", "unpack", packed, dense])
     assert validate(cls, dense) == pytest.approx(validate(cls, packed, "--user-dir", PLUGIN), abs=1e-6)  # stock fairseq

@@ -7,7 +7,7 @@ import sys
 from conftest import REPO, run
 
 sys.path.insert(0, str(REPO / "scripts"))
-from experiments.frontier import FIELDS, frontier_records, means_at, merged, verdict  # noqa: E402
+from experiments.frontier import FIELDS, METRICS, as_cell, frontier_records, means_at, merged, verdict  # noqa: E402
 
 
 def cell(mode, column, seed, ppl, size):
@@ -37,6 +37,25 @@ def test_records_ratio_merge_and_verdict():
     assert "no noise recipe beats" in verdict({**baselines, "qn": recs("qn", 50.0)})  # one seed is a screen, not a result
     assert "a baseline is missing" in verdict({"none": baselines["none"], "qn": recs("qn", 50.0, 50.0)})
     assert verdict({**baselines, "qn": recs("qn", 58.0, 59.0)}).startswith("chosen on valid: qn")
+
+
+def test_the_encoders_frontier_is_accuracy_where_higher_wins():
+    """The classifier's records carry accuracy (valid_acc, test_acc), read back as cls cells, and its verdict
+    and choice on valid go the other way from perplexity's: a noise recipe wins with every seed above both baselines."""
+    cells = [{"task": "cls", "mode": m, "column": c, "seed": 1, "acc": a, "valid_acc": a + 1, "bytes": b, "command": "test"}
+             for m, c, a, b in (("none", "fp32", 55.0, 8000), ("none", "ipq_x50", 50.0, 200), ("qn", "ipq_x50", 52.0, 200))]
+    records = frontier_records(cells + [cell("none", "fp32", 1, 40.0, 9000)], "annealed", "cls")
+    assert [r["test_acc"] for r in records] == [55.0, 50.0, 52.0] and "test_ppl" not in records[0]
+    assert records[1]["ratio"] == 40.0 and as_cell(records[2])["task"] == "cls" and as_cell(records[2])["acc"] == 52.0
+
+    def recs(recipe, *accs):
+        return [{"recipe": recipe, "seed": i + 1, "test_acc": a, "valid_acc": a} for i, a in enumerate(accs)]
+
+    acc = METRICS["cls"]
+    baselines = {"none": recs("none", 50.0, 51.0), "qat_int4": recs("qat_int4", 49.0, 52.0)}
+    assert verdict({**baselines, "qn": recs("qn", 53.0, 54.0)}, acc) == "chosen on valid: qn; noise wins: qn"
+    assert "no noise recipe beats" in verdict({**baselines, "qn": recs("qn", 51.5, 60.0)}, acc)  # a seed inside the spread
+    assert verdict({**baselines, "qn": recs("qn", 40.0, 41.0)}, acc).startswith("chosen on valid: none")
 
 
 def test_means_at_one_point_of_one_panel():

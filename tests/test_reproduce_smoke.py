@@ -98,6 +98,15 @@ def test_reproduce_smoke_classifier(tiny_data, tmp_path):
     assert "Baselines on the same test split: majority class 33.3%" in table and f"{cells[1]['acc']:.2f}" in table
     assert "masked-LM pretraining updates" in table
 
+    # the same cells as the encoder's frontier (records of accuracy, the baselines under the title), from the cache
+    run(cmd + ["--table", "frontier", "--render-only"])
+    records = json.loads((tmp_path / "results/frontier_cls.json").read_text())
+    assert [(r["recipe"], r["point"], r["test_acc"]) for r in records] == [("none", c["column"], c["acc"]) for c in cells]
+    assert records[1]["ratio"] > 1 and not (tmp_path / "results/frontier_lm.json").exists()
+    frontier = (tmp_path / "results/frontier_cls.md").read_text()
+    assert frontier.startswith("# The encoder's size/quality frontier") and "bag-of-words" in frontier and "Test acc" in frontier
+    assert (tmp_path / "results/frontier_cls.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_ablation_table_seeds_and_equal_budget_control(tmp_path):
     """The ablation table: each row's seeds, means with each seed's value, and iPQ's cost against the dense

@@ -65,9 +65,13 @@ def _stored_rows(state_dict, layer_prefix: str, in_features: int):
     weight = state_dict.get(layer_prefix + "weight")
     if weight is not None:
         return weight.shape[0]
-    codes = state_dict.get(f"{layer_prefix}{SCALAR_CHILD}.codes")
+    scalar = f"{layer_prefix}{SCALAR_CHILD}."
+    codes = state_dict.get(scalar + "codes")
     if codes is not None:
         return codes.shape[0]
+    if scalar + "codes_packed" in state_dict:  # int4 and below: rows * in_features codes of n_bits, bit-packed
+        # the last byte's padding is less than one row, which the floor drops
+        return state_dict[scalar + "codes_packed"].numel() * 8 // int(state_dict[scalar + "n_bits"]) // in_features
     pq = f"{layer_prefix}{PQ_CHILD}."
     centroids = state_dict.get(pq + "centroids", state_dict.get(pq + "centroids_codes"))
     if centroids is None:

@@ -1,36 +1,73 @@
-"""The LM's size/quality frontier (results/frontier_lm.md, .png, .json): test perplexity against bytes
-on disk, one line per training recipe, one panel per preset.
+"""The size/quality frontiers: the LM's test perplexity (results/frontier_lm.md, .png, .json) and the
+encoder's test accuracy (results/frontier_cls.*) against bytes on disk, one line per training recipe,
+one panel per preset.
 
 A record is the issue's flat shape: {"preset", "recipe", "point", "ratio", "bytes", "seed",
-"valid_ppl", "test_ppl"} (recipe: the grid's row, `none` for no noise, `qat_int4` for QAT; point: the
-compression column; ratio: the recipe's own fp32 file over this file). Each run of the grid refreshes
-the records it computed and keeps the others, so panels and rows computed at different times (or on
-different machines) live in one file. Pure text and a plot; nothing here runs fairseq.
+"valid_ppl", "test_ppl"} (the encoder's: "valid_acc", "test_acc"; recipe: the grid's row, `none` for
+no noise, `qat_int4` for QAT; point: the compression column; ratio: the recipe's own fp32 file over
+this file). Each run of the grid refreshes the records it computed and keeps the others, so panels and
+rows computed at different times (or on different machines) live in one file. Pure text and a plot;
+nothing here runs fairseq.
 """
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .grid import Grid
 from .tables import command_line
 
-FIELDS = ("preset", "recipe", "point", "ratio", "bytes", "seed", "valid_ppl", "test_ppl")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A frontier's quality axis: the grid cell's key ("ppl", "acc") and which way is better."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+    title: str
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+    def best(self, values):
+        return max(values) if self.higher_is_better else min(values)
+
+    def worst(self, values):
+        return min(values) if self.higher_is_better else max(values)
+
+
+METRICS = {"lm": Metric("ppl", "test perplexity", False, "The LM's size/quality frontier"),
+           "cls": Metric("acc", "test accuracy (%)", True, "The encoder's size/quality frontier (verse-pair classifier)")}
+FRONTIER_TASKS = tuple(METRICS)
+FIELDS = ("preset", "recipe", "point", "ratio", "bytes", "seed", "valid_ppl", "test_ppl")  # the LM's; the encoder's: *_acc
 PROVENANCE = ("command", "commit", "device")  # kept beside the fields: what computed the record
-NO_NOISE, QAT = ("none", "none_long"), ("qat_int4", "qat_int4_long")  # the baselines, at the grid's two budgets
+NO_NOISE, QAT = ("none", "none_long", "none_drop0"), ("qat_int4", "qat_int4_long", "qat_int4_drop0")  # the baselines: budgets, dropout
 BASELINES = NO_NOISE + QAT  # a noise recipe must beat a no-noise one and a QAT one at the same point
 
 
-def frontier_records(results: List[dict], preset: str) -> List[dict]:
-    """The grid's LM cells of one preset as frontier records (ratio against the same recipe and seed's fp32)."""
-    lm = [r for r in results if r["task"] == "lm"]
-    fp32 = {(r["mode"], r.get("seed", 1)): r["bytes"] for r in lm if r["column"] == "fp32"}  # old records: no seed, seed 1
+def file_name(task: str, suffix: str) -> str:
+    return f"frontier_{task}.{suffix}"
+
+
+def task_of(record: dict) -> str:
+    """A stored frontier record's task, from its metric's keys."""
+    return next((t for t, m in METRICS.items() if f"test_{m.key}" in record), "lm")
+
+
+def frontier_records(results: List[dict], preset: str, task: str = "lm") -> List[dict]:
+    """The grid's cells of one task and preset as frontier records (ratio against the same recipe and seed's fp32)."""
+    key = METRICS[task].key
+    cells = [r for r in results if r["task"] == task]
+    fp32 = {(r["mode"], r.get("seed", 1)): r["bytes"] for r in cells if r["column"] == "fp32"}  # old records: no seed, seed 1
     out = []
-    for r in lm:
+    for r in cells:
         dense = fp32.get((r["mode"], r.get("seed", 1)))
         out.append({"preset": preset, "recipe": r["mode"], "point": r["column"],
                     "ratio": round(dense / r["bytes"], 2) if dense else None, "bytes": r["bytes"], "seed": r.get("seed", 1),
-                    "valid_ppl": r.get("valid_ppl"), "test_ppl": r["ppl"], **{k: r[k] for k in PROVENANCE if k in r}})
+                    f"valid_{key}": r.get(f"valid_{key}"), f"test_{key}": r[key], **{k: r[k] for k in PROVENANCE if k in r}})
     return out
 
 
@@ -47,9 +84,11 @@ def merged(old: List[dict], new: List[dict]) -> List[dict]:
 
 
 def as_cell(record: dict) -> dict:
-    """A frontier record read back as a grid cell (``--render-only`` from results/frontier_lm.json)."""
-    return {"task": "lm", "mode": record["recipe"], "column": record["point"], "seed": record["seed"], "bytes": record["bytes"],
-            "ppl": record["test_ppl"], "valid_ppl": record["valid_ppl"], "preset": record["preset"],
+    """A frontier record read back as a grid cell (``--render-only`` from results/frontier_*.json)."""
+    task = task_of(record)
+    key = METRICS[task].key
+    return {"task": task, "mode": record["recipe"], "column": record["point"], "seed": record["seed"], "bytes": record["bytes"],
+            key: record[f"test_{key}"], f"valid_{key}": record[f"valid_{key}"], "preset": record["preset"],
             **{k: record[k] for k in PROVENANCE if k in record}}
 
 
@@ -76,35 +115,37 @@ def _mean(rs: List[dict], key: str) -> Optional[float]:
     return statistics.mean(values) if values else None
 
 
-def _cell(rs: List[dict]) -> str:
-    test = [r["test_ppl"] for r in rs]
+def _cell(rs: List[dict], metric: Metric) -> str:
+    test = [r[f"test_{metric.key}"] for r in rs]
     seeds = "" if len(rs) == 1 else f" ({' / '.join(f'{v:.2f}' for v in test)})"
-    valid = _mean(rs, "valid_ppl")
+    valid = _mean(rs, f"valid_{metric.key}")
     return f"{statistics.mean(test):.2f}{seeds}" + (f" [valid {valid:.2f}]" if valid is not None else "")
 
 
-def verdict(recipes: Dict[str, List[dict]]) -> str:
+def verdict(recipes: Dict[str, List[dict]], metric: Metric = METRICS["lm"]) -> str:
     """Which recipe this point chooses on valid (mean over seeds), and whether a noise recipe beats both
-    baselines on test with every seed (each of its seeds below the best baseline seed)."""
-    valid = {name: _mean(rs, "valid_ppl") for name, rs in recipes.items()}
-    chosen = min((n for n, v in valid.items() if v is not None), key=lambda n: valid[n], default=None)
-    base = [r["test_ppl"] for name in BASELINES for r in recipes.get(name, [])]
+    baselines on test with every seed (its worst seed better than the best baseline seed)."""
+    test, valid_key = f"test_{metric.key}", f"valid_{metric.key}"
+    valid = {name: _mean(rs, valid_key) for name, rs in recipes.items()}
+    scored = [n for n, v in valid.items() if v is not None]
+    chosen = next((n for n in scored if valid[n] == metric.best(valid[m] for m in scored)), None)
+    base = [r[test] for name in BASELINES for r in recipes.get(name, [])]
     if not all(any(name in recipes for name in kind) for kind in (NO_NOISE, QAT)):
         beat = "a baseline is missing"
     else:
         winners = [name for name, rs in recipes.items() if name not in BASELINES and len(rs) >= 2
-                   and max(r["test_ppl"] for r in rs) < min(base)]
+                   and metric.better(metric.worst(r[test] for r in rs), metric.best(base))]
         beat = f"noise wins: {', '.join(winners)}" if winners else "no noise recipe beats both baselines on every seed"
     return f"chosen on valid: {chosen or '-'}; {beat}"
 
 
-def render_panel(records: List[dict], preset: str, doc: str) -> str:
+def render_panel(records: List[dict], preset: str, doc: str, metric: Metric = METRICS["lm"]) -> str:
     rs = [r for r in records if r["preset"] == preset]
     recipes = sorted({r["recipe"] for r in rs}, key=lambda n: (n not in BASELINES, BASELINES.index(n) if n in BASELINES else 0, n))
     points = _by_point(rs)
     order = sorted(points, key=lambda p: -statistics.mean(r["bytes"] for rr in points[p].values() for r in rr))
     lines = [f"## Preset `{preset}`: {doc}", "",
-             "Test ppl: mean over seeds (each seed) [mean valid ppl]; size: mean bytes on disk, ratio to fp32.", "",
+             f"Test {metric.key}: mean over seeds (each seed) [mean valid {metric.key}]; size: mean bytes on disk, ratio to fp32.", "",
              "| point | size | ratio | " + " | ".join(f"`{n}`" for n in recipes) + " | reading |",
              "|---|---:|---:|" + "---|" * len(recipes) + "---|"]
     for point in order:
@@ -113,25 +154,30 @@ def render_panel(records: List[dict], preset: str, doc: str) -> str:
         ratios = [r["ratio"] for r in every if r["ratio"]]
         ratio = f"x{statistics.mean(ratios):.1f}" if ratios else "-"
         size = f"{statistics.mean(r['bytes'] for r in every) / 1e6:.3f} MB"
-        cells = [(_cell(by[n]) if n in by else "-") for n in recipes]
-        lines.append(f"| {point} | {size} | {ratio} | " + " | ".join(cells) + f" | {verdict(by)} |")
+        cells = [(_cell(by[n], metric) if n in by else "-") for n in recipes]
+        lines.append(f"| {point} | {size} | {ratio} | " + " | ".join(cells) + f" | {verdict(by, metric)} |")
     return "\n".join(lines)
 
 
-def render_frontier(records: List[dict], grid: Grid, command: str) -> str:
-    """The whole file: a panel per preset, what each recipe and point is, and what computed each record."""
+def render_frontier(records: List[dict], grid: Grid, command: str, task: str = "lm", preamble: str = "") -> str:
+    """The whole file: a panel per preset, what each recipe and point is, and what computed each record
+    (``preamble``: what the numbers mean, e.g. the classifier's baselines, under the title)."""
+    metric = METRICS[task]
     presets = panels(records)
-    parts = ["# The LM's size/quality frontier: does training with Quant-Noise pay once the model is compressed?", "",
+    parts = [f"# {metric.title}: does training with Quant-Noise pay once the model is compressed?", "",
+             *([preamble, ""] if preamble else []),
              "One panel per preset; rows are compression points, columns training recipes (`none`: no noise, `qat_int4`: QAT). "
-             "The plot is `frontier_lm.png`, the records `frontier_lm.json`. A noise recipe wins a point when each of its "
-             "seeds has a lower test ppl than every seed of both baselines there.", ""]
+             f"The plot is `{file_name(task, 'png')}`, the records `{file_name(task, 'json')}`. A noise recipe wins a point when each of its "
+             f"seeds has a {'higher' if metric.higher_is_better else 'lower'} test {metric.key} than every seed of both baselines there.", ""]
     for preset in presets:
         spec = grid.presets.get(preset)
-        parts += [render_panel(records, preset, spec.doc if spec else "(not in presets.yaml)"), ""]
+        parts += [render_panel(records, preset, spec.doc if spec else "(not in presets.yaml)", metric), ""]
         if spec:
-            parts.append(f"Model and budget: `{' '.join(spec.lm.arch)}`, {spec.lm.updates} updates, lr scheduler "
-                         f"{spec.lm.lr_scheduler}{', checkpoint_best on valid' if spec.lm.keep_best else ''}, --max-tokens {spec.max_tokens}; "
-                         "schedules: " + ", ".join(f"{c} = `{path}`" for c, path in spec.lm.schedules.items()) + ".")
+            own = getattr(spec, task)
+            pretrain = f" after {own.pretrain_updates} masked-LM pretraining updates on the KJV LM data (no noise, shared by the rows)" if own.pretrain_updates else ""
+            parts.append(f"Model and budget: `{' '.join(own.arch)}`, {own.updates} updates{pretrain}, lr scheduler "
+                         f"{own.lr_scheduler}{', checkpoint_best on valid' if own.keep_best else ''}, --max-tokens {spec.max_tokens}; "
+                         "schedules: " + ", ".join(f"{c} = `{path}`" for c, path in own.schedules.items()) + ".")
         runs: Dict[str, set] = {}
         for r in records:
             if r["preset"] == preset:
@@ -139,17 +185,18 @@ def render_frontier(records: List[dict], grid: Grid, command: str) -> str:
                                 f"`{r.get('command', 'not recorded')}`", set()).add(r["recipe"])
         parts += ["", "Records computed by:"] + [f"- {where} ({', '.join(sorted(m))})" for where, m in runs.items()] + [""]
     recipes = sorted({r["recipe"] for r in records})
-    parts += ["Recipes:"] + [f"- `{n}`: {grid.tasks['lm'].modes[n].doc}: `{' '.join(grid.tasks['lm'].modes[n].flags) or '(no flags)'}`"
-                             for n in recipes if n in grid.tasks["lm"].modes]
+    modes = grid.tasks[task].modes
+    parts += ["Recipes:"] + [f"- `{n}`: {modes[n].doc}: `{' '.join(modes[n].flags) or '(no flags)'}`" for n in recipes if n in modes]
     parts += ["", "Points: fp32 = `quant-noise unpack`; int8/int4/int3/int2 = `quant-noise pack --scalar-bits N` (per row; "
               "int4_tensor: one scale per weight, the paper's scalar baseline); schedule columns = the iPQ task with that schedule, packed.",
               "", command_line(command)]
     return "\n".join(parts)
 
 
-def plot_frontier(records: List[dict], out) -> None:
-    """One panel per preset: mean test ppl against mean bytes (log), seeds as error bars; each recipe's line joins
+def plot_frontier(records: List[dict], out, task: str = "lm") -> None:
+    """One panel per preset: mean test metric against mean bytes (log), seeds as error bars; each recipe's line joins
     its frontier (the points no smaller point of the recipe beats), the others are hollow markers."""
+    metric = METRICS[task]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,10 +212,10 @@ def plot_frontier(records: List[dict], out) -> None:
         for recipe in sorted({r["recipe"] for r in rs}):
             pts = []
             for point, by in _by_point([r for r in rs if r["recipe"] == recipe]).items():
-                test = [r["test_ppl"] for r in by[recipe]]
+                test = [r[f"test_{metric.key}"] for r in by[recipe]]
                 pts.append((statistics.mean(r["bytes"] for r in by[recipe]) / 1e6, statistics.mean(test), min(test), max(test)))
             pts.sort()
-            front = [p for p in pts if not any(q[0] <= p[0] and q[1] < p[1] for q in pts)]  # none smaller and better
+            front = [p for p in pts if not any(q[0] <= p[0] and metric.better(q[1], p[1]) for q in pts)]  # none smaller and better
             other = [p for p in pts if p not in front]
             style = {"color": "black"} if recipe in NO_NOISE else {"color": "grey", "linestyle": "--"} if recipe in QAT else {}
             line = ax.errorbar([p[0] for p in front], [p[1] for p in front], yerr=[[p[1] - p[2] for p in front], [p[3] - p[1] for p in front]],
@@ -177,12 +224,13 @@ def plot_frontier(records: List[dict], out) -> None:
                 ax.plot([p[0] for p in other], [p[1] for p in other], linestyle="none", marker="o", ms=5, mfc="none",
                         color=line[0].get_color())
         ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        if not metric.higher_is_better:  # perplexities span decades; accuracies do not
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("size on disk (MB, log scale)")
-        ax.set_ylabel("test perplexity (log scale; bars: seeds)")
-        ax.set_title(f"KJV LM, preset {preset}")
+        ax.set_ylabel(f"{metric.label}{' (log scale' if not metric.higher_is_better else ' ('}; bars: seeds)")
+        ax.set_title(f"KJV {'LM' if task == 'lm' else 'verse-pair classifier'}, preset {preset}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     save_png(fig, out)

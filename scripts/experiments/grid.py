@@ -67,6 +67,7 @@ class TaskPreset:
     lr_scheduler: str = "inverse_sqrt"
     keep_best: bool = False
     patience: int = 0
+    lr: Optional[float] = None  # peak learning rate of the training runs (default: the task's, in its YAML)
 
 
 @dataclass

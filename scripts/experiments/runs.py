@@ -93,13 +93,13 @@ class Runner:
                 "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "100",
                 *validate, *self.device_flags(), "--num-workers", "0", *p.extra]
 
-    def lr_flags(self, task: str, lr: float, warm: int, updates: int) -> List:
-        """The task preset's learning-rate schedule over a run of ``updates``."""
+    def lr_flags(self, task: str, lr: float, warm: int, updates: int, stop_early: bool = True) -> List:
+        """The task preset's learning-rate schedule over a run of ``updates`` (``stop_early``: with its patience)."""
         spec = getattr(self.preset, task)
         flags = ["--lr", lr, "--lr-scheduler", spec.lr_scheduler, "--warmup-updates", warm]
         if spec.lr_scheduler == "polynomial_decay":
             flags += ["--total-num-update", updates, "--end-learning-rate", 0.0]
-        if spec.patience:  # the grid allows it only with keep_best
+        if spec.patience and stop_early:  # the grid allows it only with keep_best
             flags += ["--patience", spec.patience]
         return flags
 
@@ -117,15 +117,16 @@ class Runner:
         """The classifier rows' common start: the encoder pretrained as a masked LM on the LM data, without noise."""
         cls = self.preset.cls
         cmd = ["fairseq-train", self.data / "lm" / "bin", "--task", "masked_lm", "--criterion", "masked_lm", *cls.arch,
-               "--tokens-per-sample", cls.max_positions, "--lr", PRETRAIN_LR, "--lr-scheduler", "inverse_sqrt",
-               "--warmup-updates", warmup(cls.pretrain_updates), *self.common(cls.pretrain_updates)]
+               "--tokens-per-sample", cls.max_positions,
+               *self.lr_flags("cls", PRETRAIN_LR, warmup(cls.pretrain_updates), cls.pretrain_updates, stop_early=False),
+               *self.common(cls.pretrain_updates)]
         return self._with_save(cmd, "cls-pretrain")
 
     def train_command(self, task: str, mode: str) -> Tuple[List, Path]:
         """fairseq-train of a row: its flags, budget and learning rate; a finetuning row starts from its base."""
         spec, spec_task = self.grid.mode(task, mode), self.grid.tasks[task]
         updates = self.budget(task, mode)
-        lr, warm, start = spec_task.lr, warmup(updates), []
+        lr, warm, start = getattr(self.preset, task).lr or spec_task.lr, warmup(updates), []
         if spec.base:
             start = ["--finetune-from-model", self.trained(task, spec.base)]
             lr, warm = lr * FINETUNE_LR_FACTOR, max(1, updates // 10)
