@@ -32,7 +32,7 @@ def broken_grid(tmp_path, file, old, new):
     ("presets.yaml", "    updates: 600\n", "    updates: six hundred\n", "presets.yaml: quick: key lm.updates"),
     ("presets.yaml", "configs/ipq/qn_transformer_demo.yaml", "configs/ipq/missing.yaml", "quick.mt.schedules.ipq: no such file"),
     ("columns.yaml", "  after_ipq: false", "  after_ipq: sometimes", "columns.yaml: int4: key after_ipq"),
-    ("experiments.yaml", "modes: [qn_pq_0.1]", "modes: [qn_pq_7]", "experiments.yaml: demo: unknown mode 'qn_pq_7'"),
+    ("experiments.yaml", "modes: [qn_centroids_k16_0.1]", "modes: [qn_pq_7]", "experiments.yaml: demo: unknown mode 'qn_pq_7'"),
     ("presets.yaml", "    lr_scheduler: polynomial_decay\n", "    lr_scheduler: cosine\n", "presets.yaml: annealed.lm.lr_scheduler: 'cosine'"),
     ("presets.yaml", "    keep_best: true\n", "    keep_best: false\n", "presets.yaml: annealed.lm.patience: needs keep_best: true"),
 ])
@@ -68,7 +68,7 @@ def test_a_row_is_a_yaml_edit(tmp_path):
 
 def test_demo_and_its_preset_build_the_same_commands(tmp_path):
     """`make demo`'s script and the reproduction of the demo's row print the same fairseq/quant-noise command lines:
-    the demo's runs are the frontier's (annealed preset, the Quant-Noise row, its x50 schedule)."""
+    the demo's runs are the frontier's (annealed preset, the centroid-noise row, its x50 schedule)."""
     common = ["--data", tmp_path / "data", "--work", tmp_path / "work", "--dry-run"]
     demo = run([sys.executable, REPO / "scripts/demo.py", *common]).output
     grid = load_grid()
@@ -79,7 +79,7 @@ def test_demo_and_its_preset_build_the_same_commands(tmp_path):
     commands = [[line for line in out.splitlines() if line.startswith("$ ")] for out in (demo, reproduce)]
     assert sorted(commands[0]) == sorted(commands[1]) and len(commands[0]) == 4  # train, unpack, iPQ, pack
     train = [line for line in commands[0] if "--task language_modeling" in line][0]
-    assert f"--max-update {grid.presets[experiment.preset].lm.updates}" in train and "--quant-noise-pq 0.1" in train
+    assert f"--max-update {grid.presets[experiment.preset].lm.updates}" in train and "--quant-noise-pq 0.1 --quant-noise-pq-centroids 16" in train
     assert "--lr-scheduler polynomial_decay" in train and "--patience 2" in train  # the preset's schedule, not a demo-only one
     ipq = [line for line in commands[0] if "--task ipq_language_modeling" in line][0]
     assert "qn_transformer_lm_demo_x50.yaml" in ipq and "checkpoint_best.pt" in ipq
