@@ -218,6 +218,8 @@ def plot_frontier(records: List[dict], out, task: str = "lm") -> None:
             front = [p for p in pts if not any(q[0] <= p[0] and metric.better(q[1], p[1]) for q in pts)]  # none smaller and better
             other = [p for p in pts if p not in front]
             style = {"color": "black"} if recipe in NO_NOISE else {"color": "grey", "linestyle": "--"} if recipe in QAT else {}
+            if recipe.endswith("_drop0"):  # the same recipe without dropout: its colour family, dotted
+                style["linestyle"] = ":"
             line = ax.errorbar([p[0] for p in front], [p[1] for p in front], yerr=[[p[1] - p[2] for p in front], [p[3] - p[1] for p in front]],
                                marker="o", ms=4, capsize=3, label=recipe, **style)
             if other:  # points beaten by a smaller one of the same recipe: shown, not joined
@@ -229,7 +231,7 @@ def plot_frontier(records: List[dict], out, task: str = "lm") -> None:
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("size on disk (MB, log scale)")
-        ax.set_ylabel(f"{metric.label}{' (log scale' if not metric.higher_is_better else ' ('}; bars: seeds)")
+        ax.set_ylabel(f"{metric.label} ({'' if metric.higher_is_better else 'log scale; '}bars: seeds)")
         ax.set_title(f"KJV {'LM' if task == 'lm' else 'verse-pair classifier'}, preset {preset}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
