@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .grid import Grid
+from .metrics import METRICS as CELL_METRICS
+from .plot import YLABELS
 from .tables import command_line
 
 
@@ -39,8 +41,8 @@ class Metric:
         return min(values) if self.higher_is_better else max(values)
 
 
-METRICS = {"lm": Metric("ppl", "test perplexity", False, "The LM's size/quality frontier"),
-           "cls": Metric("acc", "test accuracy (%)", True, "The encoder's size/quality frontier (verse-pair classifier)")}
+METRICS = {"lm": Metric(CELL_METRICS["lm"], YLABELS["lm"], False, "The LM's size/quality frontier"),
+           "cls": Metric(CELL_METRICS["cls"], YLABELS["cls"], True, "The encoder's size/quality frontier (verse-pair classifier)")}
 FRONTIER_TASKS = tuple(METRICS)
 FIELDS = ("preset", "recipe", "point", "ratio", "bytes", "seed", "valid_ppl", "test_ppl")  # the LM's; the encoder's: *_acc
 PROVENANCE = ("command", "commit", "device")  # kept beside the fields: what computed the record
@@ -127,8 +129,8 @@ def verdict(recipes: Dict[str, List[dict]], metric: Metric = METRICS["lm"]) -> s
     baselines on test with every seed (its worst seed better than the best baseline seed)."""
     test, valid_key = f"test_{metric.key}", f"valid_{metric.key}"
     valid = {name: _mean(rs, valid_key) for name, rs in recipes.items()}
-    scored = [n for n, v in valid.items() if v is not None]
-    chosen = next((n for n in scored if valid[n] == metric.best(valid[m] for m in scored)), None)
+    pick = max if metric.higher_is_better else min
+    chosen = pick((n for n, v in valid.items() if v is not None), key=lambda n: valid[n], default=None)
     base = [r[test] for name in BASELINES for r in recipes.get(name, [])]
     if not all(any(name in recipes for name in kind) for kind in (NO_NOISE, QAT)):
         beat = "a baseline is missing"
