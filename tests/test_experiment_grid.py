@@ -150,3 +150,8 @@ def test_annealed_preset_validates_each_epoch_and_compresses_the_best_checkpoint
     assert ft[ft.index("--finetune-from-model") + 1] == runner.train_command("lm", "none")[1] / "checkpoint_best.pt"
     quick = [str(c) for c in Runner(load_grid(), "quick", 1, tmp_path / "work", tmp_path / "data").train_command("lm", "none")[0]]
     assert "inverse_sqrt" in quick and "--patience" not in quick and "--validate-interval-updates" in quick
+    assert "--best-checkpoint-metric" not in cmd  # the LM's best is fairseq's default, the valid loss
+    cls = [str(c) for c in runner.train_command("cls", "none")[0]]  # the classifier's best and patience follow valid accuracy
+    assert cls[cls.index("--best-checkpoint-metric") + 1] == "accuracy" and "--maximize-best-checkpoint-metric" in cls
+    quick_cls = Runner(load_grid(), "quick", 1, tmp_path / "work", tmp_path / "data").train_command("cls", "none")[0]
+    assert "--best-checkpoint-metric" not in quick_cls  # no keep_best: the last checkpoint, the command (and cache key) unchanged

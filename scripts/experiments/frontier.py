@@ -173,12 +173,15 @@ def render_frontier(records: List[dict], grid: Grid, command: str, task: str = "
              f"seeds has a {'higher' if metric.higher_is_better else 'lower'} test {metric.key} than every seed of both baselines there.", ""]
     for preset in presets:
         spec = grid.presets.get(preset)
-        parts += [render_panel(records, preset, spec.doc if spec else "(not in presets.yaml)", metric), ""]
+        doc = (getattr(spec, task).doc or spec.doc) if spec else "(not in presets.yaml)"
+        parts += [render_panel(records, preset, doc, metric), ""]
         if spec:
             own = getattr(spec, task)
             pretrain = f" after {own.pretrain_updates} masked-LM pretraining updates on the KJV LM data (no noise, shared by the rows)" if own.pretrain_updates else ""
+            best = grid.tasks[task].best
+            chosen_on = best[best.index("--best-checkpoint-metric") + 1] if "--best-checkpoint-metric" in best else "loss"
             parts.append(f"Model and budget: `{' '.join(own.arch)}`, {own.updates} updates{pretrain}, lr scheduler "
-                         f"{own.lr_scheduler}{', checkpoint_best on valid' if own.keep_best else ''}, --max-tokens {spec.max_tokens}; "
+                         f"{own.lr_scheduler}{f', checkpoint_best on valid {chosen_on}' if own.keep_best else ''}, --max-tokens {spec.max_tokens}; "
                          "schedules: " + ", ".join(f"{c} = `{path}`" for c, path in own.schedules.items()) + ".")
         runs: Dict[str, set] = {}
         for r in records:

@@ -48,6 +48,9 @@ class Task:
     ipq: List[str] = MISSING  # and of an iPQ run
     lr: float = MISSING
     ipq_lr: float = MISSING
+    # Added to a training run when its preset keeps the best checkpoint: the valid metric that picks
+    # checkpoint_best.pt and counts patience (fairseq's default is the loss; the classifier is judged on accuracy).
+    best: List[str] = field(default_factory=list)
     tables: Dict[str, Table] = field(default_factory=dict)  # "grid", "ablation": the default selections
     modes: Dict[str, Mode] = field(default_factory=dict)
 
@@ -58,6 +61,7 @@ class TaskPreset:
     updates: int = MISSING
     schedules: Dict[str, str] = field(default_factory=dict)  # column name -> iPQ schedule YAML (repository-relative)
     pretrain_updates: int = 0  # cls: masked-LM pretraining of the encoder on the LM data
+    pretrain_lr: Optional[float] = None  # cls: its peak learning rate (default: runs.PRETRAIN_LR)
     max_positions: int = 128  # cls: sequence length
     # How a training run spends its updates. "inverse_sqrt": the short presets (the model is still learning
     # when it stops); "polynomial_decay": the learning rate falls linearly to zero at the last update, so the
@@ -68,6 +72,7 @@ class TaskPreset:
     keep_best: bool = False
     patience: int = 0
     lr: Optional[float] = None  # peak learning rate of the training runs (default: the task's, in its YAML)
+    doc: str = ""  # this task's panel heading in the results (default: the preset's doc)
 
 
 @dataclass

@@ -118,7 +118,7 @@ class Runner:
         cls = self.preset.cls
         cmd = ["fairseq-train", self.data / "lm" / "bin", "--task", "masked_lm", "--criterion", "masked_lm", *cls.arch,
                "--tokens-per-sample", cls.max_positions,
-               *self.lr_flags("cls", PRETRAIN_LR, warmup(cls.pretrain_updates), cls.pretrain_updates, stop_early=False),
+               *self.lr_flags("cls", cls.pretrain_lr or PRETRAIN_LR, warmup(cls.pretrain_updates), cls.pretrain_updates, stop_early=False),
                *self.common(cls.pretrain_updates)]
         return self._with_save(cmd, "cls-pretrain")
 
@@ -132,9 +132,10 @@ class Runner:
             lr, warm = lr * FINETUNE_LR_FACTOR, max(1, updates // 10)
         elif task == "cls":
             start = ["--finetune-from-model", self.pretrain_command()[1] / "checkpoint_last.pt"]
-        cmd = ["fairseq-train", self.data / task / "bin", *spec_task.train, *self.length_flags(task),
-               *self.lr_flags(task, lr, warm, updates), *getattr(self.preset, task).arch,
-               *self.mode_flags(task, mode), *start, *self.common(updates, getattr(self.preset, task).keep_best)]
+        keep_best = getattr(self.preset, task).keep_best
+        cmd = ["fairseq-train", self.data / task / "bin", *spec_task.train, *(spec_task.best if keep_best else []),
+               *self.length_flags(task), *self.lr_flags(task, lr, warm, updates), *getattr(self.preset, task).arch,
+               *self.mode_flags(task, mode), *start, *self.common(updates, keep_best)]
         return self._with_save(cmd, f"{task}-{'finetune' if spec.base else 'train'}")
 
     def ipq_command(self, task: str, mode: str, column: str = "ipq") -> Tuple[List, Path]:
