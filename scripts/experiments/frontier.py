@@ -167,7 +167,7 @@ def render_frontier(records: List[dict], grid: Grid, command: str, task: str = "
     metric = METRICS[task]
     presets = panels(records)
     parts = [f"# {metric.title}: does training with Quant-Noise pay once the model is compressed?", "",
-             *([preamble, ""] if preamble else []),
+             *([preamble.rstrip(), ""] if preamble else []),
              "One panel per preset; rows are compression points, columns training recipes (`none`: no noise, `qat_int4`: QAT). "
              f"The plot is `{file_name(task, 'png')}`, the records `{file_name(task, 'json')}`. A noise recipe wins a point when each of its "
              f"seeds has a {'higher' if metric.higher_is_better else 'lower'} test {metric.key} than every seed of both baselines there.", ""]
