@@ -34,7 +34,8 @@ def test_records_ratio_merge_and_verdict():
     baselines = {"none": recs("none", 60.0, 61.0), "qat_int4": recs("qat_int4", 62.0, 63.0)}
     assert "noise wins: qn" in verdict({**baselines, "qn": recs("qn", 58.0, 59.0)})
     assert "no noise recipe beats" in verdict({**baselines, "qn": recs("qn", 58.0, 60.5)})  # a seed inside the spread
-    assert "no noise recipe beats" in verdict({**baselines, "qn": recs("qn", 50.0)})  # one seed is a screen, not a result
+    assert "a screen, no verdict" in verdict({**baselines, "qn": recs("qn", 50.0)})  # one seed is a screen, not a result
+    assert "no noise recipe beats" in verdict({**baselines, "qn": recs("qn", 50.0), "qn2": recs("qn2", 58.0, 60.5)})
     assert "a baseline is missing" in verdict({"none": baselines["none"], "qn": recs("qn", 50.0, 50.0)})
     assert verdict({**baselines, "qn": recs("qn", 58.0, 59.0)}).startswith("chosen on valid: qn")
 

@@ -134,6 +134,8 @@ def verdict(recipes: Dict[str, List[dict]], metric: Metric = METRICS["lm"]) -> s
     base = [r[test] for name in BASELINES for r in recipes.get(name, [])]
     if not all(any(name in recipes for name in kind) for kind in (NO_NOISE, QAT)):
         beat = "a baseline is missing"
+    elif not any(name not in BASELINES and len(rs) >= 2 for name, rs in recipes.items()):
+        beat = "noise rows on one seed: a screen, no verdict"
     else:
         winners = [name for name, rs in recipes.items() if name not in BASELINES and len(rs) >= 2
                    and metric.better(metric.worst(r[test] for r in rs), metric.best(base))]
