@@ -132,13 +132,13 @@ def verdict(recipes: Dict[str, List[dict]], metric: Metric = METRICS["lm"]) -> s
     pick = max if metric.higher_is_better else min
     chosen = pick((n for n, v in valid.items() if v is not None), key=lambda n: valid[n], default=None)
     base = [r[test] for name in BASELINES for r in recipes.get(name, [])]
+    judged = {name: rs for name, rs in recipes.items() if name not in BASELINES and len(rs) >= 2}  # one seed is a screen
     if not all(any(name in recipes for name in kind) for kind in (NO_NOISE, QAT)):
         beat = "a baseline is missing"
-    elif not any(name not in BASELINES and len(rs) >= 2 for name, rs in recipes.items()):
+    elif not judged:
         beat = "noise rows on one seed: a screen, no verdict"
     else:
-        winners = [name for name, rs in recipes.items() if name not in BASELINES and len(rs) >= 2
-                   and metric.better(metric.worst(r[test] for r in rs), metric.best(base))]
+        winners = [name for name, rs in judged.items() if metric.better(metric.worst(r[test] for r in rs), metric.best(base))]
         beat = f"noise wins: {', '.join(winners)}" if winners else "no noise recipe beats both baselines on every seed"
     return f"chosen on valid: {chosen or '-'}; {beat}"
 
