@@ -1,6 +1,12 @@
-"""Calibrating int8 activations: observe each quantized Linear's input on training batches, then fix
-its (scale, zero point). Plain torch: the caller brings the batches and how to run one (cli.py
-builds them with fairseq).
+"""Calibration statistics, read by everything that compresses with data: a few training batches run through
+the model, and what each layer saw is kept. Plain torch: the caller brings the batches and how to run one
+(cli.py and the iPQ tasks build them with fairseq).
+
+- ``collect_input_moments``: per weight, the second moments of its Linear inputs (the diagonal of X^T X) and
+  how often each Embedding row was looked up; ``InputMoments.importance`` turns them into the per-coordinate
+  weights of the activation-aware k-means (kmeans.py), so that it minimizes an estimate of the output error
+  instead of the weight error.
+- ``calibrate_activations_``: int8 activations, each quantized Linear's input range.
 
 Two passes over the same batches (activations.ActivationStats): the exact range, then a histogram
 over it, from which the observer picks the range. The model runs in eval mode, with its weights as
@@ -9,15 +15,104 @@ they will be stored (int8 or PQ), inputs still in float.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .activations import ActivationQuantizer, ActivationStats, check_activation_bits
 from .compressed import activation_targets, attach_activation_quantizer, route_int8_attention
+from .weight_swap import route_attention_through_projections
 
 logger = logging.getLogger(__name__)
+
+IMPORTANCE_DAMPING = 0.01  # added to each normalized statistic: no coordinate weighs exactly zero (GPTQ's damping)
+
+
+@dataclass
+class InputMoments:
+    """What the modules sharing one weight saw: the summed squares of each input coordinate of its Linear
+    uses (``input_sq``, over ``n_inputs`` input vectors) and the look-up count of each row of its Embedding use."""
+
+    input_sq: Optional[torch.Tensor] = None  # (in_features,) float64
+    n_inputs: int = 0
+    row_counts: Optional[torch.Tensor] = None  # (num_embeddings,) float64
+
+    def importance(self, damping: float = IMPORTANCE_DAMPING) -> torch.Tensor:
+        """Per-coordinate weights of the weight matrix (rows, cols), as a (rows or 1, cols or 1) tensor.
+
+        A Linear's error on its output is sum_rows dW_r^T E[x x^T] dW_r: its diagonal weighs column d by E[x_d^2]. A
+        looked-up row's error counts as often as the row is looked up. A weight used both ways (a tied embedding and
+        output projection) weighs rows by their frequency (also the softmax's curvature, E[p_t], on average) and
+        columns by half the lookup's uniform weight plus half the projection's moments. Each factor is normalized
+        to mean 1 so neither use dominates by its units.
+        """
+        cols = None
+        if self.input_sq is not None and self.n_inputs:
+            moments = self.input_sq / self.n_inputs
+            cols = moments / moments.mean().clamp_min(1e-30)
+            if self.row_counts is not None:
+                cols = 0.5 * (1.0 + cols)
+            cols = (cols + damping).unsqueeze(0)
+        rows = None
+        if self.row_counts is not None and float(self.row_counts.sum()) > 0:
+            rows = (self.row_counts / self.row_counts.mean() + damping).unsqueeze(1)
+        if rows is None and cols is None:
+            raise ValueError("no calibration input reached this weight")
+        weight = rows if cols is None else cols if rows is None else rows * cols
+        return weight.float()
+
+
+@torch.no_grad()
+def collect_input_moments(model: nn.Module, weights: Dict[str, List[str]], batches: Sequence[Any],
+                          run: Callable[[Any], Any]) -> Dict[str, InputMoments]:
+    """Run ``batches`` through ``model`` (eval mode) and record, for each weight (key: a name; value: the
+    modules using it), what its Linear and Embedding uses saw. Deterministic for the same batches."""
+    if not batches:
+        raise ValueError("no calibration batch")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    moments = {key: InputMoments() for key in weights}
+
+    def linear_hook(stats: InputMoments):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            squares = (x * x).sum(0).double()  # one batch in float32, the running sum in float64
+            stats.input_sq = squares + (0 if stats.input_sq is None else stats.input_sq)
+            stats.n_inputs += x.shape[0]
+        return hook
+
+    def embedding_hook(stats: InputMoments):
+        def hook(module, args):
+            counts = torch.bincount(args[0].detach().flatten().cpu(), minlength=module.num_embeddings).double()
+            stats.row_counts = counts + (0 if stats.row_counts is None else stats.row_counts)
+        return hook
+
+    handles, linears = [], []
+    for key, names in weights.items():
+        for name in names:
+            module = modules[name]
+            if isinstance(module, nn.Embedding):
+                handles.append(module.register_forward_pre_hook(embedding_hook(moments[key])))
+            elif isinstance(module, nn.Linear):
+                handles.append(module.register_forward_pre_hook(linear_hook(moments[key])))
+                linears.append(name)
+    # fused attention never calls its projections: switch the attention that holds one to the path that does
+    attentions = {name: module for name, module in model.named_modules() if hasattr(module, "skip_embed_dim_check")}
+    fused = {name: module.skip_embed_dim_check for name, module in attentions.items()}
+    route_attention_through_projections(model, linears)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            run(batch)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+        for name, module in attentions.items():
+            module.skip_embed_dim_check = fused[name]
+    return moments
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -234,11 +233,12 @@ def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int
     dictionaries), and the checkpoint's training criterion to run them through the model."""
     import copy
 
-    from fairseq import tasks, utils
+    from fairseq import tasks
     from fairseq.dataclass.utils import overwrite_args_by_name
     from omegaconf import OmegaConf
 
     from .checkpoints import CheckpointError
+    from .tasks.ipq import training_batches
 
     if not Path(data_dir).is_dir():
         raise CheckpointError(f"--calibrate {data_dir}: no such directory")
@@ -259,17 +259,7 @@ def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int
         task.load_dataset("train", combine=False)
     except (FileNotFoundError, OSError) as e:
         raise CheckpointError(f"--calibrate {data_dir}: no training split ({e})") from None
-    batches = []
-    with warnings.catch_warnings():  # fairseq's iterator always asks for pinned memory; on a CPU-only machine torch warns
-        warnings.filterwarnings("ignore", message=".*pin_memory.*")
-        iterator = task.get_batch_iterator(
-            dataset=task.dataset("train"), max_tokens=max_tokens, ignore_invalid_inputs=True, seed=1,
-            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ).next_epoch_itr(shuffle=True)
-        for sample in iterator:
-            if len(batches) == n_batches:
-                break
-            batches.append(sample)
+    batches = training_batches(task, model, n_batches, max_tokens)
     return batches, task.build_criterion(cfg.criterion)
 
 

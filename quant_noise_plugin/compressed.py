@@ -11,7 +11,7 @@ checkpoints: codes in the smallest integer type, fp32 centroids) and the packed 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -80,15 +80,17 @@ def attach_pq_plan(model: nn.Module, plan: LayerPlan) -> PQCodebook:
 
 
 @torch.no_grad()
-def fit_pq(model: nn.Module, plan: LayerPlan, n_iter: int, seed: int, backend: str = "auto") -> float:
-    """k-means the plan's weight into its codebook. Under torch.distributed rank 0 runs the k-means and broadcasts
-    its centroids and codes (the other ranks would only compete for the same cores); returns rank 0's objective."""
+def fit_pq(model: nn.Module, plan: LayerPlan, n_iter: int, seed: int, backend: str = "auto",
+           importance: Optional[torch.Tensor] = None) -> float:
+    """k-means the plan's weight into its codebook (``importance``: per-weight error weights, see PQCodebook.fit).
+    Under torch.distributed rank 0 runs the k-means and broadcasts its centroids and codes (the other ranks
+    would only compete for the same cores); returns rank 0's objective."""
     module = model.get_submodule(plan.name)
     codebook = provider_of(module)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     objective = torch.zeros(1, dtype=torch.float64)
     if not distributed or torch.distributed.get_rank() == 0:
-        objective.fill_(codebook.fit(module._parameters["weight"], n_iter=n_iter, seed=seed, backend=backend))
+        objective.fill_(codebook.fit(module._parameters["weight"], n_iter=n_iter, seed=seed, backend=backend, importance=importance))
     if distributed:
         for tensor in (codebook.centroids.data, codebook.codes, objective):
             torch.distributed.broadcast(tensor, src=0)

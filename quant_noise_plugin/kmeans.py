@@ -2,13 +2,18 @@
 
 Every block is used (faiss subsamples to ``max_points_per_centroid * k`` points by default; we
 raise that cap so it never does), the seed is fixed, and empty clusters are re-seeded.
+
+``importance`` (same shape as the points, or broadcastable) weighs each coordinate of each point in
+both the assignment and the centroid update: sum_d w_id (x_id - c_kd)^2, the diagonal of a layer's
+input second moments (GPTVQ, VPTQ) turning weight error into output error. faiss has no
+per-coordinate weights, so that objective runs on the torch backend (two matmuls per chunk).
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -41,43 +46,57 @@ def faiss_available() -> bool:
     return True
 
 
-def assign(points: Tensor, centroids: Tensor, chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
-    """Nearest centroid of each point and its squared distance, in chunks to bound memory."""
+def assign(points: Tensor, centroids: Tensor, chunk: int = 1 << 16, importance: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Nearest centroid of each point and its (importance-weighted) squared distance, in chunks to bound memory."""
     c_sq = (centroids * centroids).sum(dim=1)
+    if importance is not None:
+        importance = importance.expand_as(points)
     labels, dists = [], []
     for start in range(0, points.shape[0], chunk):
         x = points[start : start + chunk]
-        d = (x * x).sum(dim=1, keepdim=True) - 2.0 * x @ centroids.T + c_sq
+        if importance is None:
+            d = (x * x).sum(dim=1, keepdim=True) - 2.0 * x @ centroids.T + c_sq
+        else:
+            w = importance[start : start + chunk]
+            wx = w * x
+            d = (wx * x).sum(dim=1, keepdim=True) - 2.0 * wx @ centroids.T + w @ (centroids * centroids).T
         dist, label = d.min(dim=1)
         labels.append(label)
         dists.append(dist.clamp_min_(0.0))
     return torch.cat(labels), torch.cat(dists)
 
 
-def _kmeans_torch(points: Tensor, k: int, n_iter: int, seed: int) -> KMeansResult:
+def _kmeans_torch(points: Tensor, k: int, n_iter: int, seed: int, importance: Optional[Tensor] = None) -> KMeansResult:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     n = points.shape[0]
     init = torch.randperm(n, generator=generator)[:k].to(points.device)  # without replacement
     centroids = points[init].clone()
+    weights = None if importance is None else importance.expand_as(points)
+    weighted_points = points if weights is None else weights * points
     history: List[float] = []
     labels = None
     for _ in range(n_iter):
-        new_labels, dists = assign(points, centroids)
+        new_labels, dists = assign(points, centroids, importance=importance)
         history.append(float(dists.sum()))
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
         counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, points)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, weighted_points)
         nonempty = counts > 0
-        centroids[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(points.dtype)
+        if weights is None:
+            centroids[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(points.dtype)
+        else:  # per coordinate: the importance-weighted mean of the cluster's points (a coordinate weighing 0 keeps its value)
+            mass = torch.zeros_like(centroids).index_add_(0, labels, weights)
+            update = nonempty.unsqueeze(1) & (mass > 0)
+            centroids[update] = sums[update] / mass[update]
         empty = (~nonempty).nonzero().flatten()
         if empty.numel():
             # Re-seed each empty cluster on one of the points farthest from its centroid:
             # that point's error drops to zero, so the objective cannot increase.
             far = dists.topk(empty.numel()).indices
             centroids[empty] = points[far]
-    labels, dists = assign(points, centroids)
+    labels, dists = assign(points, centroids, importance=importance)
     objective = float(dists.sum())
     history.append(objective)
     return KMeansResult(centroids, labels, objective, history)
@@ -104,21 +123,39 @@ def _kmeans_faiss(points: Tensor, k: int, n_iter: int, seed: int) -> KMeansResul
     return KMeansResult(centroids, labels, float(dists.sum()), history)
 
 
-def kmeans(points: Tensor, k: int, n_iter: int = 20, seed: int = 0, backend: str = "auto") -> KMeansResult:
-    """Cluster ``points`` (n, d) into ``k`` centroids.
+def _broadcasts(shape, target) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def kmeans(points: Tensor, k: int, n_iter: int = 20, seed: int = 0, backend: str = "auto",
+           importance: Optional[Tensor] = None) -> KMeansResult:
+    """Cluster ``points`` (n, d) into ``k`` centroids; ``importance`` (non-negative, broadcastable to
+    ``points``) weighs each coordinate's squared error, and its objective is the weighted one.
 
     backend: "faiss", "torch" (runs on ``points``' device, CUDA included) or "auto" (faiss for
-    CPU tensors when installed, torch otherwise).
+    CPU tensors when installed and no importance is given, torch otherwise).
     """
     n = points.shape[0]
     if k > n:
         raise ValueError(f"{k} centroids for only {n} blocks: use at most {n} centroids")
+    if importance is not None:
+        if importance.dim() != 2 or not _broadcasts(importance.shape, points.shape):
+            raise ValueError(f"importance of shape {tuple(importance.shape)} does not broadcast to the points' {tuple(points.shape)}")
+        if bool((importance < 0).any()):
+            raise ValueError("importance must be non-negative")
+        if backend == "faiss":
+            raise ValueError("the faiss backend has no per-coordinate weights: use backend torch or auto with an importance")
+        backend = "torch"
     if backend == "auto":
         backend = "faiss" if points.device.type == "cpu" and faiss_available() else "torch"
     if backend == "faiss":
         result = _kmeans_faiss(points, k, n_iter, seed)
     elif backend == "torch":
-        result = _kmeans_torch(points.detach().float(), k, n_iter, seed)
+        weights = None if importance is None else importance.detach().float().to(points.device)
+        result = _kmeans_torch(points.detach().float(), k, n_iter, seed, weights)
     else:
         raise ValueError(f"unknown k-means backend {backend!r} (faiss, torch, auto)")
     return KMeansResult(

@@ -71,9 +71,13 @@ class PQCodebook(nn.Module):
         return weight.detach().reshape(-1, self.block_size)
 
     @torch.no_grad()
-    def fit(self, weight: Tensor, n_iter: int = 20, seed: int = 0, backend: str = "auto") -> float:
-        """k-means on the blocks of ``weight``; returns the final objective."""
-        result = kmeans(self.blocks_of(weight).float(), self.n_centroids, n_iter=n_iter, seed=seed, backend=backend)
+    def fit(self, weight: Tensor, n_iter: int = 20, seed: int = 0, backend: str = "auto",
+            importance: Optional[Tensor] = None) -> float:
+        """k-means on the blocks of ``weight``; returns the final objective. ``importance`` (broadcastable to the
+        weight's shape, e.g. calibration.InputMoments.importance()) weighs each weight's squared error."""
+        blocks = None if importance is None else self.blocks_of(importance.expand(weight.shape))
+        result = kmeans(self.blocks_of(weight).float(), self.n_centroids, n_iter=n_iter, seed=seed, backend=backend,
+                        importance=blocks)
         self.centroids.copy_(result.centroids)
         self.codes.copy_(result.assignments.to(self.codes.dtype))
         self.fitted.fill_(True)

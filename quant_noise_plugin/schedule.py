@@ -22,6 +22,9 @@ from .errors import QuantNoiseError
 from .pq import check_pq_shape
 
 LAYER_TYPES = {"Linear": nn.Linear, "Embedding": nn.Embedding}
+# What a stage's k-means minimizes: the weights' squared error (the paper's), or that error weighted per
+# coordinate by the layer's calibration input statistics (calibration.InputMoments: an estimate of the output error)
+OBJECTIVES = ("weights", "activations")
 
 
 class ScheduleError(QuantNoiseError):
@@ -41,6 +44,7 @@ class StageConfig:
     updates: int = MISSING  # finetuning updates after quantizing this stage's layers
     block_size: Dict[str, int] = field(default_factory=dict)  # per layer type, overrides defaults
     n_centroids: Dict[str, int] = field(default_factory=dict)
+    objective: Optional[str] = None  # weights or activations; None: the schedule's
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ScheduleConfig:
     )
     kmeans_iterations: int = 20
     seed: int = 0
+    objective: str = "weights"  # each stage's k-means objective unless the stage sets its own (OBJECTIVES)
     # After the last stage, store the layers left in float and the centroids as int8 (or int4):
     # the paper's "iPQ + int8". Applied by `quant-noise pack` (None: keep them fp16).
     final_scalar_bits: Optional[int] = None
@@ -106,6 +111,8 @@ def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
     for kind in schedule.defaults:
         if kind not in LAYER_TYPES:
             raise ScheduleError(f"{source}: key defaults.{kind}: unknown layer type (use {', '.join(LAYER_TYPES)})")
+    if schedule.objective not in OBJECTIVES:
+        raise ScheduleError(f"{source}: key objective: {schedule.objective!r} (use {' or '.join(OBJECTIVES)})")
     if schedule.final_scalar_bits not in (None, 4, 8):
         raise ScheduleError(f"{source}: key final_scalar_bits: {schedule.final_scalar_bits} (use 4, 8 or null)")
     names = set()
@@ -116,6 +123,8 @@ def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
         names.add(stage.name)
         if stage.updates <= 0:
             raise ScheduleError(f"{where}: key updates: must be > 0, got {stage.updates}")
+        if stage.objective is not None and stage.objective not in OBJECTIVES:
+            raise ScheduleError(f"{where}: key objective: {stage.objective!r} (use {' or '.join(OBJECTIVES)})")
         try:
             re.compile(stage.layers)
         except re.error as e:
@@ -137,6 +146,7 @@ class LayerPlan:
     shape: List[int]
     block_size: int
     n_centroids: int
+    objective: str = "weights"
 
     @property
     def name(self) -> str:
@@ -215,7 +225,7 @@ def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<sc
             except ValueError as e:
                 raise ScheduleError(f"{where}: {e}") from None
             owner[names[0]] = stage.name
-            layers.append(LayerPlan(names, kind, shape, block_size, n_centroids))
+            layers.append(LayerPlan(names, kind, shape, block_size, n_centroids, stage.objective or schedule.objective))
         if not layers:
             raise ScheduleError(
                 f"{where}: key layers: regex {stage.layers!r} matches no Linear/Embedding layer of the model "

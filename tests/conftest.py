@@ -70,7 +70,7 @@ def dense_lm(lm_data, tmp_path_factory):
     return save / "checkpoint_last.pt"
 
 
-# iPQ on the tiny LM: two stages, 16 centroids of 4 weights
+# iPQ on the tiny LM: two stages, 16 centroids of 4 weights; the second k-means weighted by calibration inputs
 SCHEDULE = """
 defaults:
   Linear: {block_size: 4, n_centroids: 16}
@@ -83,6 +83,7 @@ stages:
   - name: attention_and_embeddings
     layers: 'decoder\\.(layers\\.\\d+\\.self_attn\\.(q|k|v|out)_proj|embed_tokens)'
     updates: 3
+    objective: activations
 """
 
 

@@ -12,6 +12,8 @@ def test_schedule_runs_stage_by_stage_and_eval_lm_matches_training(ipq, lm_data)
     save, output = ipq
     assert "ipq stage 0 (ffn) quantized at update 0" in output
     assert "ipq stage 1 (attention_and_embeddings) quantized at update 3" in output
+    assert re.search(r"ipq calibration: input statistics of 9 weights over \d+ training batches", output)
+    assert "k-means objective (weights)" in output and "decoder.layers.1.self_attn.v_proj [64, 64] -> 16 x 4 centroids, k-means objective (activations)" in output
     ppl = eval_lm_ppl(lm_data, save / "checkpoint_last.pt", "--user-dir", PLUGIN)
     assert ppl == pytest.approx(last_valid_ppl(output), rel=5e-3)
 
@@ -83,16 +85,31 @@ def test_unpack_gives_a_checkpoint_stock_fairseq_loads_with_the_same_logits(ipq,
     assert ppl_stock == pytest.approx(ppl_plugin, rel=1e-4)
 
 
-def test_interrupted_schedule_resumes_to_the_same_result(ipq, lm_data, dense_lm, schedule_file, tmp_path):
-    first = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, max_update=4)  # "killed" inside stage 2
-    assert "quantized at update 3" in first.output
+@pytest.mark.parametrize("killed_at", [2, 4])  # before stage 2's calibration, inside stage 2
+def test_interrupted_schedule_resumes_to_the_same_result(ipq, lm_data, dense_lm, schedule_file, tmp_path, killed_at):
+    first = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, max_update=killed_at)
+    assert ("quantized at update 3" in first.output) == (killed_at == 4)
     second = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, max_update=6)  # same command again
-    assert "Loaded checkpoint" in second.output and "quantized at update" not in second.output
+    assert "Loaded checkpoint" in second.output and ("quantized at update" in second.output) == (killed_at == 2)
     resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)["model"]
     straight = torch.load(ipq[0] / "checkpoint_last.pt", weights_only=False)["model"]
     assert sorted(resumed) == sorted(straight)
     for key in straight:
         assert torch.allclose(resumed[key].float(), straight[key].float(), atol=1e-5), key
+
+
+def test_activation_objective_gives_other_codes_than_the_weights_objective(ipq, lm_data, dense_lm, tmp_path):
+    """The same schedule with stage 2's k-means on the weights alone: stage 1's codes are the same, stage 2's are not
+    (codes stay frozen while the centroids finetune, so the fixture's final codes are the k-means' own)."""
+    plain = tmp_path / "weights.yaml"
+    plain.write_text(SCHEDULE.replace("objective: activations", "objective: weights"))
+    ipq_train(lm_data, tmp_path / "run", dense_lm, plain, max_update=4)
+    ours = torch.load(ipq[0] / "checkpoint_last.pt", weights_only=False)["model"]
+    theirs = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=False)["model"]
+    assert torch.equal(ours["decoder.layers.0.fc1.weight_pq.codes"], theirs["decoder.layers.0.fc1.weight_pq.codes"])
+    for layer in ("decoder.embed_tokens", "decoder.layers.0.self_attn.q_proj", "decoder.layers.1.self_attn.out_proj"):
+        key = f"{layer}.weight_pq.codes"
+        assert (ours[key] != theirs[key]).float().mean() > 0.05, layer
 
 
 def test_restore_file_quantized_by_another_schedule_is_rejected(ipq, lm_data, tmp_path, schedule_file):

@@ -90,3 +90,66 @@ def test_smallest_integer_types():
     assert smallest_int_dtype(256) == torch.uint8
     assert smallest_int_dtype(257) == torch.int16
     assert smallest_int_dtype(70000) == torch.int32
+
+
+def _weighted_layer(seed=0):
+    """A 128 x 64 layer in blocks of 8 whose inputs' second moments span two orders of magnitude per column."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(128, 64, generator=g)
+    importance = torch.exp(2.0 * torch.randn(1, 64, generator=g))
+    return weight, importance
+
+
+def _weighted_error(weight, importance, codebook):
+    return float((importance.expand_as(weight) * (weight - codebook()) ** 2).sum())
+
+
+def test_activation_weighted_kmeans_lowers_the_weighted_error_of_a_fixed_layer():
+    weight, importance = _weighted_layer()
+    plain, weighted = PQCodebook(weight.shape, 8, 32), PQCodebook(weight.shape, 8, 32)
+    plain.fit(weight, n_iter=30, seed=0, backend="torch")
+    objective = weighted.fit(weight, n_iter=30, seed=0, backend="torch", importance=importance)
+    assert objective == pytest.approx(_weighted_error(weight, importance, weighted), rel=1e-4)
+    assert _weighted_error(weight, importance, weighted) < 0.7 * _weighted_error(weight, importance, plain)
+    # and it pays for it in the plain weight error: what it minimizes is not ||W - What||^2
+    assert float(((weight - weighted()) ** 2).sum()) > float(((weight - plain()) ** 2).sum())
+
+
+def test_weighted_kmeans_assigns_by_and_averages_with_the_weights():
+    """Converged: each block's code is its nearest centroid under the weighted distance, and each centroid
+    coordinate is the importance-weighted mean of its blocks' coordinates."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 8, generator=g)
+    w = torch.rand(3000, 8, generator=g) ** 3 + 0.01  # per point and per coordinate
+    result = kmeans(x, 16, n_iter=100, seed=0, backend="torch", importance=w)
+    distances = (w.unsqueeze(1) * (x.unsqueeze(1) - result.centroids.unsqueeze(0)) ** 2).sum(-1)
+    assert torch.equal(result.assignments, distances.argmin(1))
+    for c in range(16):
+        members = result.assignments == c
+        mean = (w[members] * x[members]).sum(0) / w[members].sum(0)
+        assert torch.allclose(result.centroids[c], mean, atol=1e-4), c
+
+
+def test_equal_weights_give_plain_kmeans():
+    weight, _ = _weighted_layer()
+    blocks = weight.reshape(-1, 8)
+    plain = kmeans(blocks, 32, n_iter=20, seed=3, backend="torch")
+    uniform = kmeans(blocks, 32, n_iter=20, seed=3, backend="auto", importance=torch.full((1, 8), 2.5))
+    assert torch.equal(plain.assignments, uniform.assignments)
+    assert torch.allclose(plain.centroids, uniform.centroids, atol=1e-5)
+    assert uniform.objective == pytest.approx(2.5 * plain.objective, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "importance, backend, message",
+    [
+        (-torch.ones(1, 8), "torch", "importance must be non-negative"),
+        (torch.ones(1, 4), "torch", "importance of shape (1, 4) does not broadcast to the points' (256, 8)"),
+        (torch.ones(8), "torch", "importance of shape (8,)"),
+        (torch.ones(1, 8), "faiss", "the faiss backend has no per-coordinate weights"),
+    ],
+)
+def test_bad_importance_is_refused(importance, backend, message):
+    with pytest.raises(ValueError) as err:
+        kmeans(torch.randn(256, 8), 4, backend=backend, importance=importance)
+    assert message in str(err.value)

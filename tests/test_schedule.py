@@ -68,6 +68,8 @@ def test_embeddings_first_schedule_puts_the_tied_embedding_first_with_more_centr
         ("stages: []\n", "the schedule has no stage"),
         ("stages:\n  - {name: a, layers: 'x', updates: 1, block_size: {Conv2d: 4}}\n", "key block_size.Conv2d"),
         ("stages:\n  - {name: a, layers: '(', updates: 1}\n", "invalid regex"),
+        ("objective: outputs\nstages:\n  - {name: a, layers: 'x', updates: 1}\n", "key objective: 'outputs' (use weights or activations)"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 1, objective: hessian}\n", "stage 0 (a): key objective: 'hessian'"),
     ],
 )
 def test_bad_yaml_is_a_one_line_error_naming_the_key(tmp_path, text, message):
@@ -117,3 +119,11 @@ def test_quant_noise_exclude_searches_anywhere_in_the_name():
     assert set(every) - set(no_fc1) == {"decoder.layers.0.fc1", "decoder.layers.1.fc1"}
     no_emb = noise_targets(model, QuantNoiseConfig(pq=0.1, exclude="embed_tokens|output_projection"))
     assert "decoder.embed_tokens" in every and not any("embed_tokens" in n or "output_projection" in n for n in no_emb)
+
+
+def test_stage_objective_overrides_the_schedule_objective(tmp_path):
+    text = ("objective: activations\ndefaults:\n  Linear: {block_size: 4, n_centroids: 16}\n  Embedding: {block_size: 4, n_centroids: 16}\nstages:\n"
+            "  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, objective: weights}\n"
+            "  - {name: b, layers: 'decoder\\.embed_tokens', updates: 1}\n")
+    plans = plan_schedule(load_schedule(write(tmp_path, text)), TinyLM(), "s.yaml")
+    assert [[p.objective for p in stage.layers] for stage in plans] == [["weights", "weights"], ["activations"]]

@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,12 +30,33 @@ from fairseq.tasks.sentence_prediction import SentencePredictionConfig, Sentence
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
+from ..calibration import collect_input_moments
 from ..compressed import PROVIDER_CHILDREN, attach_pq_plan, fit_pq, is_fitted, layout_of, provider_of
 from ..models.compressed_loading import CompressedLoadingMixin
 from ..schedule import ScheduleError, load_schedule, plan_schedule, schedule_to_dict
 from ..sizes import dense_fp32_bytes, size_rows
 
 logger = logging.getLogger(__name__)
+
+
+def training_batches(task, model: torch.nn.Module, n_batches: int, max_tokens: int = 2048, seed: int = 1) -> list:
+    """The first ``n_batches`` shuffled batches of ``task``'s training split (loaded): calibration data, the same
+    batches for the same seed."""
+    from fairseq import utils
+
+    batches = []
+    with warnings.catch_warnings():  # fairseq's iterator always asks for pinned memory; on a CPU-only machine torch warns
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        iterator = task.get_batch_iterator(
+            dataset=task.dataset("train"), max_tokens=max_tokens, ignore_invalid_inputs=True, seed=seed,
+            disable_iterator_cache=True,  # a cached iterator would be the trainer's own: advancing it would skip its epoch
+            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ).next_epoch_itr(shuffle=True)
+        for sample in iterator:
+            if len(batches) == n_batches:
+                break
+            batches.append(sample)
+    return batches
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,6 +70,9 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 class IPQOptions(FairseqDataclass):
     ipq_config: Optional[str] = field(default=None, metadata={"help": "YAML iPQ schedule (see configs/ipq/)"})
     ipq_kmeans_backend: str = field(default="auto", metadata={"help": "k-means backend: auto, faiss or torch"})
+    ipq_calibration_batches: int = field(
+        default=32, metadata={"help": "training batches (2048 tokens) whose layer inputs weigh the k-means of 'objective: activations' stages"}
+    )
     ipq_distill_weight: float = field(
         default=0.0, metadata={"help": "weight of a KL term to the uncompressed model's predictions while finetuning"}
     )
@@ -155,7 +180,25 @@ class IPQTaskMixin:
 
     # -- training -------------------------------------------------------------------------------
 
-    def _advance_schedule(self, model, update_num: int) -> None:
+    def _importance(self, model, criterion, plans) -> dict:
+        """Per-weight error weights of the plans whose objective is the output's, from calibration batches run
+        through the model as it is now (earlier stages quantized and finetuned): the same for a resumed run."""
+        plans = [p for p in plans if p.objective == "activations"]
+        if not plans:
+            return {}
+        if self.ipq_cfg.ipq_calibration_batches <= 0:
+            raise ScheduleError(f"--ipq-calibration-batches {self.ipq_cfg.ipq_calibration_batches}: 'objective: activations' needs at least 1")
+        from fairseq import utils
+
+        batches = training_batches(self, model, self.ipq_cfg.ipq_calibration_batches)
+        if next(model.parameters()).is_cuda:
+            batches = [utils.move_to_cuda(b) for b in batches]
+        start = time.perf_counter()
+        moments = collect_input_moments(model, {p.name: p.names for p in plans}, batches, lambda sample: criterion(model, sample))
+        logger.info("ipq calibration: input statistics of %d weights over %d training batches, %.1f s", len(plans), len(batches), time.perf_counter() - start)
+        return {name: m.importance() for name, m in moments.items()}
+
+    def _advance_schedule(self, model, update_num: int, criterion=None) -> None:
         inner = unwrapped(model)
         for stage in self.ipq_plans:
             if stage.start_update > update_num:
@@ -166,9 +209,12 @@ class IPQTaskMixin:
             if self.ipq_cfg.ipq_distill_weight > 0 and self.teacher is None:
                 self.teacher = self._build_teacher(inner)
             start = time.perf_counter()
+            importance = self._importance(inner, criterion, todo)
             for plan in todo:
-                objective = fit_pq(inner, plan, self.ipq_schedule.kmeans_iterations, self.ipq_schedule.seed, self.ipq_cfg.ipq_kmeans_backend)
-                logger.info("ipq stage %s: %s %s -> %d x %d centroids, k-means objective %.4g", stage.name, plan.name, plan.shape, plan.n_centroids, plan.block_size, objective)
+                objective = fit_pq(inner, plan, self.ipq_schedule.kmeans_iterations, self.ipq_schedule.seed, self.ipq_cfg.ipq_kmeans_backend,
+                                   importance.get(plan.name))
+                logger.info("ipq stage %s: %s %s -> %d x %d centroids, k-means objective (%s) %.4g", stage.name, plan.name, plan.shape,
+                            plan.n_centroids, plan.block_size, plan.objective, objective)
             seconds = time.perf_counter() - start
             compressed = sum(r.bytes for r in size_rows(inner))
             dense = dense_fp32_bytes(inner)
@@ -198,7 +244,7 @@ class IPQTaskMixin:
         return teacher
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        self._advance_schedule(model, update_num)
+        self._advance_schedule(model, update_num, criterion)
         if self.ipq_cfg.ipq_distill_weight <= 0:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         model.train()
