@@ -156,11 +156,16 @@ def cmd_schedule(args) -> int:
 
     schedule = load_schedule(args.schedule)
     state = read_checkpoint(args.checkpoint)
-    model, _ = _load_model(state, args.checkpoint, args.data)
+    model, task = _load_model(state, args.checkpoint, args.data)
     plans = plan_schedule(schedule, model, args.schedule)
     dense = dense_fp32_bytes(model)
     size = sum(r.bytes for r in size_rows(model))  # fp16 everything
     print(f"{args.schedule}: {len(plans)} stages, {schedule.total_updates} updates; start: {size / 1e6:.3f} MB fp16, {dense / 1e6:.3f} MB fp32")
+    errors = _objective_errors(state, model, task, args, schedule, [p for stage in plans for p in stage.layers]) if args.calibrate else {}
+    if errors:
+        print("errors of one k-means on this model (no finetuning, earlier stages not applied), relative to the weight: "
+              "weight = ||dW||^2, output = sum E[x^2] dW^2 (the activations objective's estimate); "
+              "k-means on the weights -> k-means on the activations")
     for stage in plans:
         print(f"\nstage {stage.index} '{stage.name}': updates {stage.start_update}..{stage.start_update + stage.updates - 1}")
         for plan in stage.layers:
@@ -170,8 +175,34 @@ def cmd_schedule(args) -> int:
                 f"  {plan.name:46s} {'x'.join(map(str, plan.shape)):>12s} {plan.kind:9s} bs={plan.block_size:<3d} "
                 f"K={plan.n_centroids:<5d} {bits_for(plan.n_centroids) / plan.block_size:.2f} bits/w{tied}"
             )
+            if plan.name in errors:
+                (w_plain, o_plain), (w_act, o_act) = errors[plan.name]
+                print(f"    stage's objective {plan.objective}: weight error {w_plain:.4f} -> {w_act:.4f}, output error {o_plain:.4f} -> {o_act:.4f}")
         print(f"  -> predicted size after stage: {size / 1e6:.3f} MB (x{dense / size:.1f} vs fp32)")
     return 0
+
+
+def _objective_errors(state, model, task, args, schedule, plans) -> dict:
+    """Per plan, the relative (weight, output) errors of one k-means on the weights and one on the activations."""
+    import torch
+
+    from .calibration import collect_input_moments
+    from .pq import PQCodebook
+
+    batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
+    moments = collect_input_moments(model, {p.name: p.names for p in plans}, batches, lambda sample: criterion(model, sample))
+    errors = {}
+    for plan in plans:
+        weight = model.get_submodule(plan.name).weight.detach().float()
+        importance = moments[plan.name].importance().expand(weight.shape)
+        row = []
+        for weighted in (None, importance):
+            codebook = PQCodebook(weight.shape, plan.block_size, plan.n_centroids)
+            codebook.fit(weight, n_iter=schedule.kmeans_iterations, seed=schedule.seed, importance=weighted)
+            delta = (weight - codebook().detach()) ** 2
+            row.append((float(delta.sum() / (weight ** 2).sum()), float((importance * delta).sum() / (importance * weight ** 2).sum())))
+        errors[plan.name] = row
+    return errors
 
 
 def cmd_pack(args) -> int:
@@ -329,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("schedule")
     p.add_argument("--data")
+    p.add_argument("--calibrate", metavar="DATA_DIR",
+                   help="binarized training data: also show each layer's weight and output error under both k-means objectives")
+    p.add_argument("--calibration-batches", type=int, default=32, help="training batches of --calibrate to run (default 32)")
     p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("pack", help="inference-only checkpoint: bit-packed codes, fp16/int8 rest")

@@ -136,6 +136,16 @@ def test_schedule_command_previews_stages(dense_lm, schedule_file):
     assert out.count("predicted size after stage") == 2
 
 
+def test_schedule_preview_with_calibration_data_shows_both_objectives_errors(dense_lm, schedule_file, lm_data):
+    out = run(["quant-noise", "schedule", dense_lm, schedule_file, "--calibrate", lm_data, "--calibration-batches", "4"]).stdout
+    rows = re.findall(r"stage's objective (\w+): weight error ([\d.]+) -> ([\d.]+), output error ([\d.]+) -> ([\d.]+)", out)
+    assert len(rows) == 13 and [r[0] for r in rows] == ["weights"] * 4 + ["activations"] * 9  # every layer of both stages
+    errors = [[float(x) for x in r[1:]] for r in rows]
+    # each k-means is best at what it minimizes, on the sum over layers
+    assert sum(e[0] for e in errors) < sum(e[1] for e in errors)
+    assert sum(e[3] for e in errors) < sum(e[2] for e in errors)
+
+
 def test_damaged_checkpoints_get_one_line_errors(dense_lm, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(dense_lm.read_bytes()[: 5000])
