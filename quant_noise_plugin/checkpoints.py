@@ -11,9 +11,11 @@ import torch
 
 from .atomic import atomic_file
 from .errors import QuantNoiseError
+from .integrity import IntegrityError, config_crc32, notice_unverified, pop_and_verify
 from .safe_load import allow_fairseq_checkpoint_classes
 
-PACKED_MARKER = "quant_noise"  # top-level key of packed checkpoints: {"packed": True, "format": 1}
+PACKED_MARKER = "quant_noise"  # top-level key of packed checkpoints: {"packed": True, "format": 2, "config_crc32": ...}
+PACKED_FORMAT = 2  # 2: the state dict carries integrity.CHECKSUM_KEY and the marker the config's CRC-32
 PLUGIN_ARCHS = {"transformer_lm": "qn_transformer_lm", "transformer": "qn_transformer", "roberta": "qn_roberta"}  # stock model -> plugin twin
 PLUGIN_TASKS = {"language_modeling": "ipq_language_modeling", "translation": "ipq_translation", "masked_lm": "ipq_masked_lm",
                 "sentence_prediction": "ipq_sentence_prediction"}
@@ -43,7 +45,30 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0][:200]}); re-create or re-copy it") from None
     if not isinstance(state, dict) or "model" not in state or ("cfg" not in state and "args" not in state):
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no model/cfg entries)")
+    if is_packed(state):
+        verify_packed(state, str(path))
     return state
+
+
+def packed_config_crc32(state: Dict[str, Any]) -> int:
+    """CRC-32 of a packed file's non-tensor entries (cfg, iPQ schedule, the marker but its own CRC)."""
+    rest = dict(state)
+    rest[PACKED_MARKER] = {k: v for k, v in state[PACKED_MARKER].items() if k != "config_crc32"}
+    return config_crc32(rest)
+
+
+def verify_packed(state: Dict[str, Any], source: str) -> None:
+    """Check a packed file's config and tensors against its checksums (the state is left as it is: the
+    model's load checks the tensors again, as it does under fairseq's CLIs); a file packed before
+    checksums gets a one-line notice."""
+    marker = state[PACKED_MARKER]
+    if "config_crc32" not in marker:
+        notice_unverified(source)
+        return
+    if packed_config_crc32(state) != marker["config_crc32"]:
+        raise IntegrityError(f"{source}: its config or schedule fails its checksum (corrupted?); re-copy or re-pack the file")
+    if pop_and_verify(dict(state["model"]), source) is None:
+        raise IntegrityError(f"{source}: its tensors' checksum table is missing; re-copy or re-pack the file")
 
 
 def write_checkpoint_atomically(state: Dict[str, Any], path: str | Path) -> int:

@@ -45,13 +45,15 @@ def _load_model(state, path: str, data: Optional[str]):
 
 def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optional[int] = None) -> dict:
     """Per-layer rows and totals; the packed file is predicted as paper bytes + container overhead."""
+    from .integrity import CHECKSUM_KEY, with_checksums
     from .packing import pack_state_dict
     from .sizes import activation_quantizers, container_overhead_bytes, dense_fp32_bytes, size_rows
 
     rows = size_rows(model, centroid_bits=centroid_bits)
     paper = sum(r.bytes for r in rows)
     packed_form = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
-    packed_form["model"] = pack_state_dict(model, centroid_bits=centroid_bits)
+    packed_form["model"] = with_checksums(pack_state_dict(model, centroid_bits=centroid_bits))
+    checksums = packed_form["model"][CHECKSUM_KEY].numel() * 8  # container bytes, not the model's
     dense = dense_fp32_bytes(model)
     summary = {
         "layers": [r.__dict__ | {"shape": list(r.shape)} for r in rows],
@@ -59,7 +61,7 @@ def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optio
                         for name, q in activation_quantizers(model)],
         "dense_fp32_bytes": dense,
         "compressed_bytes": paper,
-        "predicted_packed_file_bytes": paper + container_overhead_bytes(packed_form),
+        "predicted_packed_file_bytes": paper + container_overhead_bytes(packed_form) + checksums,
         "compression_ratio": dense / paper if paper else None,
     }
     if path is not None:
@@ -207,8 +209,10 @@ def _objective_errors(state, model, task, args, schedule, plans) -> dict:
 
 def cmd_pack(args) -> int:
     from .checkpoints import (
-        PACKED_MARKER, CheckpointError, is_packed, read_checkpoint, use_plugin_names, without_namespaces, write_checkpoint_atomically,
+        PACKED_FORMAT, PACKED_MARKER, CheckpointError, is_packed, packed_config_crc32, read_checkpoint, use_plugin_names,
+        without_namespaces, write_checkpoint_atomically,
     )
+    from .integrity import with_checksums
     from .activations import check_activation_bits
     from .calibration import calibrate_activations_
     from .compressed import scalar_quantize_remaining_
@@ -238,7 +242,7 @@ def cmd_pack(args) -> int:
         done = scalar_quantize_remaining_(model, bits, symmetric=activations, per_channel=not args.per_tensor)
         logger.info("int%d codes%s for %d layers left in float%s", bits, " (per tensor)" if args.per_tensor else "", len(done),
                     " (symmetric, for int8 kernels)" if activations else "")
-    marker = {"packed": True, "format": 1, "scalar_bits": bits, "per_tensor": bool(args.per_tensor), "source": os.path.basename(args.checkpoint)}
+    marker = {"packed": True, "format": PACKED_FORMAT, "scalar_bits": bits, "per_tensor": bool(args.per_tensor), "source": os.path.basename(args.checkpoint)}
     if activations:
         batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
         # the training criterion runs the model as the task does (e.g. through a classification head)
@@ -247,8 +251,9 @@ def cmd_pack(args) -> int:
         marker.update(activation_bits=args.activation_bits, observer=args.observer, calibration_batches=len(batches))
     packed = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
     packed["cfg"] = without_namespaces(state["cfg"])
-    packed["model"] = pack_state_dict(model, centroid_bits=bits, symmetric=activations)
+    packed["model"] = with_checksums(pack_state_dict(model, centroid_bits=bits, symmetric=activations))
     packed[PACKED_MARKER] = marker
+    marker["config_crc32"] = packed_config_crc32(packed)
     summary = _size_summary(model, packed, centroid_bits=bits)
     nbytes = write_checkpoint_atomically(packed, args.output)
     predicted = summary["predicted_packed_file_bytes"]

@@ -73,6 +73,45 @@ torch.save(model(tokens)[0], sys.argv[4])
 """
 
 
+def _flip_tensor_byte(path, out, offset=10):
+    """A copy of ``path`` with one byte flipped inside its largest tensor's data (zip local header parsed)."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    info = max((i for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + offset] ^= 0x01
+    out.write_bytes(bytes(data))
+
+
+def test_packed_file_with_a_flipped_byte_is_refused_by_every_entry_point(ipq, lm_data, tmp_path):
+    packed, bad = tmp_path / "packed.pt", tmp_path / "bad.pt"
+    run(["quant-noise", "pack", ipq[0] / "checkpoint_last.pt", packed])
+    _flip_tensor_byte(packed, bad)
+    for command in (["quant-noise", "size", bad], ["quant-noise", "unpack", bad, tmp_path / "out.pt"]):
+        result = run(command, check=False)
+        assert result.returncode == 2 and f"{bad}: tensor decoder.embed_tokens.weight_pq.codes_packed fails its checksum" in result.output
+    assert not (tmp_path / "out.pt").exists()
+    result = run(["fairseq-eval-lm", lm_data, "--path", bad, "--user-dir", PLUGIN, "--cpu", "--max-tokens", "1024",
+                  "--tokens-per-sample", "64"], check=False)
+    assert result.returncode != 0 and "fairseq-eval-lm: error: " in result.output and "fails its checksum" in result.output
+    assert "Traceback" not in result.output
+    # a file packed before checksums (format 1) still loads, with a one-line notice
+    state = torch.load(packed, weights_only=False)
+    del state["model"]["_quant_noise_checksums"], state["quant_noise"]["config_crc32"]
+    state["quant_noise"]["format"] = 1
+    torch.save(state, tmp_path / "old.pt")
+    result = run(["quant-noise", "size", tmp_path / "old.pt"])
+    assert result.output.count("packed before checksums") == 1 and "this file on disk" in result.output
+    # the config is covered too
+    state = torch.load(packed, weights_only=False)
+    state["cfg"]["model"]["dropout"] = 0.5
+    torch.save(state, tmp_path / "cfg.pt")
+    result = run(["quant-noise", "size", tmp_path / "cfg.pt"], check=False)
+    assert result.returncode == 2 and "its config or schedule fails its checksum" in result.output
+
+
 def test_unpack_gives_a_checkpoint_stock_fairseq_loads_with_the_same_logits(ipq, lm_data, tmp_path):
     save, _ = ipq
     dense = tmp_path / "dense.pt"

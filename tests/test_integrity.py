@@ -1,0 +1,54 @@
+"""Packed files notice their own corruption (integrity.py); through the CLIs in test_cli_ipq.py."""
+import pytest
+import torch
+
+from quant_noise_plugin.integrity import CHECKSUM_KEY, IntegrityError, looks_packed, pop_and_verify, with_checksums
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(6, 4, generator=g).half()
+    return {"a.weight_pq.codes_packed": torch.randint(0, 255, (16,), dtype=torch.uint8, generator=g),
+            "a.weight_pq.centroids": shared, "b.weight_pq.centroids": shared, "c.bias": torch.randn(3, generator=g),
+            "d.version": torch.tensor([1.0]), "e.empty": torch.empty(0)}
+
+
+def test_round_trip_verifies_and_keeps_shared_tensors_shared():
+    state = with_checksums(_state())
+    assert state["a.weight_pq.centroids"] is state["b.weight_pq.centroids"]
+    assert pop_and_verify(state) is True and CHECKSUM_KEY not in state
+    assert pop_and_verify(_state()) is None  # a file written before checksums
+
+
+def test_every_flipped_byte_of_every_tensor_is_caught():
+    clean = with_checksums(_state())
+    for key in (k for k in clean if k != CHECKSUM_KEY):
+        raw = clean[key].reshape(-1).view(torch.uint8)
+        for i in range(raw.numel()):
+            for bit in (0x01, 0x80):
+                damaged = dict(clean)
+                flipped = raw.clone()
+                flipped[i] ^= bit
+                damaged[key] = flipped.view(clean[key].dtype).reshape(clean[key].shape)
+                with pytest.raises(IntegrityError, match=f"file.pt: tensor {key} fails its checksum"):
+                    pop_and_verify(damaged, "file.pt")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("c.bias"), "tensor names or count differ"),
+    (lambda s: s.update({"c.bias2": s.pop("c.bias")}), "tensor names or count differ"),
+    (lambda s: s.update({"c.bias": s["c.bias"].double()}), "tensor c.bias fails its checksum"),  # same values, other dtype
+    (lambda s: s.update({"c.bias": s["c.bias"].reshape(3, 1)}), "tensor c.bias fails its checksum"),
+    (lambda s: s.update({CHECKSUM_KEY: s[CHECKSUM_KEY].float()}), "checksum table is damaged"),
+])
+def test_renamed_missing_or_reshaped_tensors_are_caught(damage, message):
+    state = with_checksums(_state())
+    damage(state)
+    with pytest.raises(IntegrityError, match=message) as err:
+        pop_and_verify(state, "file.pt")
+    assert "\n" not in str(err.value)
+
+
+def test_packed_state_dicts_are_told_from_training_ones():
+    assert looks_packed(_state())
+    assert not looks_packed({"a.weight_pq.centroids": torch.zeros(4, 2), "a.weight_pq.codes": torch.zeros(8, dtype=torch.uint8)})
