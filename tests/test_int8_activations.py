@@ -167,7 +167,9 @@ def test_pack_with_activations_then_eval_lm_kernel_equals_reference(w8a8, ipq, l
     dense = tmp_path / "dense.pt"
     run(["quant-noise", "unpack", path, dense])  # stock fairseq: float compute, scales dropped
     assert not any(".input_quant." in k for k in torch.load(dense, weights_only=True)["model"])
-    assert eval_lm_ppl(lm_data, dense) == pytest.approx(eval_lm_ppl(lm_data, weights_only, "--user-dir", PLUGIN), rel=1e-3)
+    # the unpacked weights are the w8a8 file's symmetric int8 centroids, `weights_only`'s are asymmetric: the two
+    # roundings differ by up to ~0.2% in perplexity (0.15% on the fixture's model); a lost or garbled weight costs far more
+    assert eval_lm_ppl(lm_data, dense) == pytest.approx(eval_lm_ppl(lm_data, weights_only, "--user-dir", PLUGIN), rel=3e-3)
 
 
 LOGITS = """
