@@ -20,12 +20,14 @@ try:
 except ImportError:  # the math modules work without fairseq
     pass
 else:
+    from .checkpoint_guard import install_checkpoint_guard
     from .errors import install_one_line_errors
     from .safe_load import allow_fairseq_checkpoint_classes
     from .torchrun_cpu import allow_torchrun_without_gpus
 
     allow_fairseq_checkpoint_classes()
     install_one_line_errors()
+    install_checkpoint_guard()
     allow_torchrun_without_gpus()
     import warnings
 

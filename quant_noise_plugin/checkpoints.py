@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import zipfile
 from pathlib import Path
@@ -34,6 +35,7 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a torch checkpoint (truncated or corrupted?); re-create or re-copy it")
+    check_pickle_crc(path)
     allow_fairseq_checkpoint_classes()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -46,8 +48,25 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or ("cfg" not in state and "args" not in state):
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no model/cfg entries)")
     if is_packed(state):
-        verify_packed(state, str(path))
+        verify_packed(state, str(path))  # the table stays: the model's load_state_dict pops it
+    elif isinstance(state["model"], dict):
+        pop_and_verify(state["model"], str(path))  # a training checkpoint of a plugin arch (checkpoint_guard.py)
     return state
+
+
+def check_pickle_crc(path: str | Path) -> bytes:
+    """The archive's pickle (config, tensor names) against the CRC-32 torch.save writes for it and torch.load never
+    checks: a flipped byte there could change a config value silently. Returns the pickle's bytes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+            if name is None:
+                raise CheckpointError(f"{path}: not a torch checkpoint (no data.pkl in the archive)")
+            return archive.read(name)  # zipfile verifies the member's CRC-32
+    except CheckpointError:
+        raise
+    except Exception as e:  # BadZipFile (bad CRC-32, bad header), zlib or struct errors of a damaged archive
+        raise CheckpointError(f"{path}: damaged archive ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); re-create or re-copy it") from None
 
 
 def packed_config_crc32(state: Dict[str, Any]) -> int:
@@ -71,10 +90,28 @@ def verify_packed(state: Dict[str, Any], source: str) -> None:
         raise IntegrityError(f"{source}: its tensors' checksum table is missing; re-copy or re-pack the file")
 
 
+def is_write_failure(exc: BaseException) -> bool:
+    """torch.save stopped by the file system: a full disk or a file-size limit (torch's zip writer reports a
+    short write as a RuntimeError 'unexpected pos'; Python's writes as an OSError)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and "unexpected pos" in str(exc)
+
+
+def write_failure_message(path: str | Path) -> str:
+    return (f"{path}: cannot be written (the disk is full or a file-size limit is set); free space and rerun "
+            f"(no partial file is left; a previous {Path(path).name} is kept)")
+
+
 def write_checkpoint_atomically(state: Dict[str, Any], path: str | Path) -> int:
     """Write next to ``path`` then rename, so a crash never leaves a half-written file. Returns bytes."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        if is_write_failure(e):
+            raise CheckpointError(write_failure_message(path)) from None
+        raise
     return Path(path).stat().st_size
 
 

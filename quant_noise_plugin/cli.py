@@ -278,6 +278,8 @@ def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int
 
     if not Path(data_dir).is_dir():
         raise CheckpointError(f"--calibrate {data_dir}: no such directory")
+    if n_batches <= 0:
+        raise CheckpointError(f"--calibration-batches {n_batches}: must be at least 1")
     cfg = OmegaConf.create(copy.deepcopy(state["cfg"]), flags={"allow_objects": True})
     overwrite_args_by_name(cfg, {"data": str(data_dir)})
     try:

@@ -60,6 +60,9 @@ def _known_failure(exc: BaseException) -> Optional[str]:
     if isinstance(exc, RuntimeError) and "PytorchStreamReader failed" in text:  # torch.load of a damaged zip
         reason = text.split(". ", 1)[0]
         return f"{_checkpoint_arg()}: not a readable torch checkpoint ({reason}): the file is truncated or corrupted; re-create or re-copy it"
+    if "Could not infer language pair" in text:  # fairseq's translation task on a directory without language-pair files
+        return (f"{_checkpoint_arg()}: a translation model, but its data directory has no language-pair files "
+                f"(train.SRC-TGT.SRC.bin ...): give the translation data it was trained on")
     return None
 
 

@@ -20,6 +20,8 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
+BACKENDS = ("auto", "faiss", "torch")
+
 
 @dataclass
 class KMeansResult:
@@ -157,7 +159,7 @@ def kmeans(points: Tensor, k: int, n_iter: int = 20, seed: int = 0, backend: str
         weights = None if importance is None else importance.detach().float().to(points.device)
         result = _kmeans_torch(points.detach().float(), k, n_iter, seed, weights)
     else:
-        raise ValueError(f"unknown k-means backend {backend!r} (faiss, torch, auto)")
+        raise ValueError(f"unknown k-means backend {backend!r} ({', '.join(BACKENDS)})")
     return KMeansResult(
         result.centroids.to(points.device),
         result.assignments.to(points.device),

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .activations import fake_quantize_activation
+from .errors import QuantNoiseError
 from .scalar import fake_quantize
 
 
@@ -25,7 +26,7 @@ def check_probability(p: float, flag: str, allow_one: bool = False) -> None:
     """PQ noise rates live in [0, 1) (P=1 would divide by zero); scalar noise allows P=1 (QAT)."""
     upper_ok = p <= 1.0 if allow_one else p < 1.0
     if not (0.0 <= p and upper_ok):
-        raise ValueError(f"{flag}={p}: must be in [0, 1{']' if allow_one else ')'}")
+        raise QuantNoiseError(f"{flag}={p}: must be in [0, 1{']' if allow_one else ')'}")
 
 
 def block_mask(weight: Tensor, p: float, block_size: int, generator: Optional[torch.Generator] = None) -> Tensor:

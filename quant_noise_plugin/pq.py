@@ -43,10 +43,10 @@ def check_pq_shape(name: str, shape: Sequence[int], block_size: int, n_centroids
     """One-line errors naming the layer when a block size or K cannot work for it."""
     cols = shape[-1]
     if block_size <= 0 or cols % block_size:
-        raise ValueError(f"layer {name} (shape {tuple(shape)}): block size {block_size} does not divide its input dimension {cols}")
+        raise ValueError(f"layer {name} (shape {tuple(shape)}): block_size {block_size} does not divide its input dimension {cols}")
     n_blocks = math.prod(shape) // block_size
     if not 1 <= n_centroids <= n_blocks:
-        raise ValueError(f"layer {name} (shape {tuple(shape)}): {n_centroids} centroids but only {n_blocks} blocks of size {block_size}")
+        raise ValueError(f"layer {name} (shape {tuple(shape)}): n_centroids {n_centroids} but only {n_blocks} blocks of size {block_size}")
 
 
 class PQCodebook(nn.Module):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import affine_qparams
+from .errors import QuantNoiseError
 from .kmeans import kmeans
 from .noise import activation_noise, centroid_noise, check_probability, pq_noise, scalar_noise
 from .scalar import check_bits
@@ -49,18 +50,18 @@ class QuantNoiseConfig:
         check_probability(self.activations, "--quant-noise-activations", allow_one=True)
         check_bits(self.scalar_bits, "--quant-noise-scalar-bits")
         if self.pq_block_size <= 0:
-            raise ValueError(f"--quant-noise-pq-block-size={self.pq_block_size}: must be positive")
+            raise QuantNoiseError(f"--quant-noise-pq-block-size={self.pq_block_size}: must be positive")
         for flag, value in (("--quant-noise-pq-centroids", self.pq_centroids), ("--quant-noise-start-update", self.start_update),
                             ("--quant-noise-ramp-updates", self.ramp_updates)):
             if value < 0:
-                raise ValueError(f"{flag}={value}: must be >= 0")
+                raise QuantNoiseError(f"{flag}={value}: must be >= 0")
         if self.pq_refit_updates <= 0:
-            raise ValueError(f"--quant-noise-pq-refit-updates={self.pq_refit_updates}: must be positive")
+            raise QuantNoiseError(f"--quant-noise-pq-refit-updates={self.pq_refit_updates}: must be positive")
         if self.exclude:
             try:
                 re.compile(self.exclude)
             except re.error as e:
-                raise ValueError(f"--quant-noise-exclude={self.exclude!r}: invalid regex ({e})") from None
+                raise QuantNoiseError(f"--quant-noise-exclude={self.exclude!r}: invalid regex ({e})") from None
         return self
 
     def pq_rate(self, embedding: bool) -> float:
@@ -271,13 +272,13 @@ def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig, within: str = ""
         weight = modules[name].weight
         cols = weight.shape[-1]
         if rates[name] > 0 and cols % cfg.pq_block_size:
-            raise ValueError(
+            raise QuantNoiseError(
                 f"--quant-noise-pq-block-size={cfg.pq_block_size} does not divide the input dimension of "
                 f"layer {name} (weight shape {tuple(weight.shape)}); pick a divisor or exclude it "
                 f"with --quant-noise-exclude"
             )
         if rates[name] > 0 and cfg.pq_centroids > weight.numel() // cfg.pq_block_size:
-            raise ValueError(
+            raise QuantNoiseError(
                 f"--quant-noise-pq-centroids={cfg.pq_centroids}: layer {name} (weight shape {tuple(weight.shape)}) has only "
                 f"{weight.numel() // cfg.pq_block_size} blocks of {cfg.pq_block_size}"
             )

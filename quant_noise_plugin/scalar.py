@@ -11,13 +11,14 @@ import torch
 from torch import Tensor
 
 from .bitpack import pack_bits, unpack_bits
+from .errors import QuantNoiseError
 
 SUPPORTED_BITS = (2, 3, 4, 8)  # 2 and 3: the severe end of the scalar baselines (codes bit-packed on disk)
 
 
 def check_bits(bits: int, flag: str = "bits") -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{flag}={bits}: only {SUPPORTED_BITS} bits are supported")
+        raise QuantNoiseError(f"{flag}={bits}: only {SUPPORTED_BITS} bits are supported")
 
 
 def affine_params(weight: Tensor, bits: int, per_channel: bool = False, symmetric: bool = False) -> Tuple[Tensor, Tensor]:

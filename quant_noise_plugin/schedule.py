@@ -82,6 +82,12 @@ def schedule_from_dict(data, source: str = "<schedule>") -> ScheduleConfig:
     stages = data.get("stages")
     if not isinstance(stages, ListConfig):
         raise ScheduleError(f"{source}: key stages: missing, or not a list of stages")
+    defaults = data.get("defaults")
+    if defaults is not None and not isinstance(defaults, DictConfig):
+        raise ScheduleError(f"{source}: key defaults: a mapping of layer type to settings, e.g. Linear: {{block_size: 8, n_centroids: 256}}")
+    for kind, settings in (defaults or {}).items():
+        if not isinstance(settings, DictConfig):
+            raise ScheduleError(f"{source}: key defaults.{kind}: a mapping of settings, e.g. {{block_size: 8, n_centroids: 256}}")
     rest = OmegaConf.create({k: v for k, v in data.items() if k != "stages"})
     schedule = _typed(OmegaConf.merge(rest, {"stages": []}), ScheduleConfig, source)
     schedule.stages = [_typed(stage, StageConfig, f"{source}: stage {i}") for i, stage in enumerate(stages)]
@@ -113,6 +119,8 @@ def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
             raise ScheduleError(f"{source}: key defaults.{kind}: unknown layer type (use {', '.join(LAYER_TYPES)})")
     if schedule.objective not in OBJECTIVES:
         raise ScheduleError(f"{source}: key objective: {schedule.objective!r} (use {' or '.join(OBJECTIVES)})")
+    if schedule.kmeans_iterations <= 0:
+        raise ScheduleError(f"{source}: key kmeans_iterations: must be > 0, got {schedule.kmeans_iterations}")
     if schedule.final_scalar_bits not in (None, 4, 8):
         raise ScheduleError(f"{source}: key final_scalar_bits: {schedule.final_scalar_bits} (use 4, 8 or null)")
     names = set()

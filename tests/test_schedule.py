@@ -83,8 +83,8 @@ def test_bad_yaml_is_a_one_line_error_naming_the_key(tmp_path, text, message):
     [
         # the reference's bug: a plain YAML scalar with \\. matches nothing -> must be an error
         ("  - {name: a, layers: decoder\\\\.layers\\\\.\\\\d+\\\\.fc1, updates: 1}\n", "stage 0 (a): key layers: regex"),
-        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, block_size: {Linear: 5}}\n", "layer decoder.layers.0.fc1 (shape (32, 16)): block size 5"),
-        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, n_centroids: {Linear: 4096}}\n", "4096 centroids but only 128 blocks"),
+        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, block_size: {Linear: 5}}\n", "layer decoder.layers.0.fc1 (shape (32, 16)): block_size 5"),
+        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, n_centroids: {Linear: 4096}}\n", "n_centroids 4096 but only 128 blocks"),
         ("  - {name: a, layers: 'decoder\\.layers\\.0\\.fc1', updates: 1}\n  - {name: b, layers: 'decoder\\.layers\\.\\d\\.fc1', updates: 1}\n",
          "stage 1 (b): layer decoder.layers.0.fc1 is already quantized by stage a"),
     ],

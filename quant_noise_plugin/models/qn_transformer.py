@@ -7,6 +7,7 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_iwslt_de_en,
 )
 
+from ..errors import QuantNoiseError, _checkpoint_arg
 from ..fairseq_options import QuantNoiseExtraOptions, add_missing_args
 from .compressed_loading import CompressedLoadingMixin
 from .noised_model import QuantNoiseModelMixin, set_defaults
@@ -20,6 +21,15 @@ class QNTransformerModel(QuantNoiseModelMixin, CompressedLoadingMixin, Transform
     def add_args(cls, parser):
         super().add_args(parser)
         add_missing_args(parser, QuantNoiseExtraOptions())
+
+    @classmethod
+    def build_model(cls, args, task):
+        from fairseq.tasks.language_modeling import LanguageModelingTask
+
+        if isinstance(task, LanguageModelingTask):  # fairseq-eval-lm given a translation checkpoint
+            raise QuantNoiseError(f"{_checkpoint_arg()}: a translation model (qn_transformer) cannot be evaluated as a language model; "
+                                  f"use fairseq-generate or fairseq-validate with its translation data")
+        return super().build_model(args, task)
 
 
 @register_model_architecture("qn_transformer", "qn_transformer")

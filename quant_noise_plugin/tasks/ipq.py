@@ -126,6 +126,7 @@ class IPQTaskMixin:
         if not self.ipq_cfg.ipq_config:
             raise ScheduleError(f"--task {self.task_name}: --ipq-config SCHEDULE.yaml is required for training")
         self._check_run_flags()
+        self._check_ipq_flags()
         self.ipq_schedule = load_schedule(self.ipq_cfg.ipq_config)
         total = self.ipq_schedule.total_updates
         if not self.ipq_cfg.max_update:
@@ -224,6 +225,18 @@ class IPQTaskMixin:
                 stage.index, stage.name, update_num, compressed / 1e6, dense / 1e6, dense / compressed, len(todo), seconds,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             )
+
+    def _check_ipq_flags(self) -> None:
+        """The iPQ flags fairseq's parser cannot range-check, before any training."""
+        from ..kmeans import BACKENDS
+
+        cfg = self.ipq_cfg
+        if cfg.ipq_kmeans_backend not in BACKENDS:
+            raise ScheduleError(f"--ipq-kmeans-backend {cfg.ipq_kmeans_backend}: use {', '.join(BACKENDS)}")
+        if not cfg.ipq_distill_weight >= 0:
+            raise ScheduleError(f"--ipq-distill-weight {cfg.ipq_distill_weight}: must be >= 0 (0: no distillation)")
+        if cfg.ipq_distill_teacher and not os.path.isfile(cfg.ipq_distill_teacher):
+            raise ScheduleError(f"--ipq-distill-teacher {cfg.ipq_distill_teacher}: no such checkpoint file")
 
     def _build_teacher(self, model):
         if self.ipq_cfg.ipq_distill_teacher:
