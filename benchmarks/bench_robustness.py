@@ -146,7 +146,7 @@ def run_child(argv: List[str], log: Path, time_limit: float = TIME_LIMIT_S, fsiz
             os.kill(proc.pid, signal.SIGKILL)
             killed_early = True
             break
-        proc.join(0.005 if kill_when is not None else 0.05)
+        proc.join(0.02 if kill_when is not None else 0.05)
     proc.join()
     timed_out = time.monotonic() - start > time_limit and not killed_early
     output = log.read_text(errors="replace") if log.exists() else ""
@@ -607,9 +607,12 @@ def reference_digests(f: dict, logs: Path) -> dict:
     return digests
 
 
-def report(cases: List[Case], seconds: float, quick: bool) -> None:
+def report(cases: List[Case], seconds: float, quick: bool, work: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from _results import write_result
+
+    for case in cases:  # no path of this machine in results/
+        case.detail = case.detail.replace(str(work), "WORK").replace(str(REPO), ".")
 
     groups = sorted({c.group for c in cases}, key=lambda g: [c.group for c in cases].index(g))
     rows = ["| class of input | cases | correct result | one-line error | failure |", "|---|---:|---:|---:|---:|"]
@@ -655,7 +658,7 @@ def main(argv=None) -> int:
             cases = cases[::7]
         cases += fault_cases(f, n_kills, args.quick)
         run_cases(cases, args.workers, logs)
-        report(cases, time.monotonic() - start, args.quick)
+        report(cases, time.monotonic() - start, args.quick, work)
         failures = sum(c.result == "failure" for c in cases)
         print(f"{len(cases)} cases, {failures} failures, {(time.monotonic() - start) / 60:.1f} min")
         return 1 if failures else 0

@@ -38,6 +38,13 @@ class InputMoments:
     input_sq: Optional[torch.Tensor] = None  # (in_features,) float64
     n_inputs: int = 0
     row_counts: Optional[torch.Tensor] = None  # (num_embeddings,) float64
+    input_outer: Optional[torch.Tensor] = None  # (in_features, in_features) float64: X^T X, when asked (``full``)
+
+    def hessian(self) -> torch.Tensor:
+        """E[x x^T] of the Linear uses' inputs: what error feedback (gptq.py) weighs a weight's error by."""
+        if self.input_outer is None or not self.n_inputs:
+            raise ValueError("no calibration input reached this weight's Linear use")
+        return (self.input_outer / self.n_inputs).float()
 
     def importance(self, damping: float = IMPORTANCE_DAMPING) -> torch.Tensor:
         """Per-coordinate weights of the weight matrix (rows, cols), as a (rows or 1, cols or 1) tensor.
@@ -66,9 +73,10 @@ class InputMoments:
 
 @torch.no_grad()
 def collect_input_moments(model: nn.Module, weights: Dict[str, List[str]], batches: Sequence[Any],
-                          run: Callable[[Any], Any]) -> Dict[str, InputMoments]:
+                          run: Callable[[Any], Any], full: bool = False) -> Dict[str, InputMoments]:
     """Run ``batches`` through ``model`` (eval mode) and record, for each weight (key: a name; value: the
-    modules using it), what its Linear and Embedding uses saw. Deterministic for the same batches."""
+    modules using it), what its Linear and Embedding uses saw (``full``: also X^T X of the Linear inputs).
+    Deterministic for the same batches."""
     if not batches:
         raise ValueError("no calibration batch")
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -80,6 +88,9 @@ def collect_input_moments(model: nn.Module, weights: Dict[str, List[str]], batch
             squares = (x * x).sum(0).double()  # one batch in float32, the running sum in float64
             stats.input_sq = squares + (0 if stats.input_sq is None else stats.input_sq)
             stats.n_inputs += x.shape[0]
+            if full:
+                outer = (x.T @ x).double()
+                stats.input_outer = outer + (0 if stats.input_outer is None else stats.input_outer)
         return hook
 
     def embedding_hook(stats: InputMoments):

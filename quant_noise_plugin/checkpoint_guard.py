@@ -59,8 +59,9 @@ def _guarded_load(original):
         except Exception as e:
             if not _raised_while_unpickling(e):
                 raise
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
-            raise CheckpointError(f"{path}: cannot be read ({reason}): the file is truncated or corrupted; re-create or re-copy it") from None
+            reason = ((str(e).splitlines() or [""])[0].split(". ", 1)[0][:200]) or type(e).__name__
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason}): the file is truncated or corrupted; "
+                                  f"re-create or re-copy it") from None
         model = state.get("model") if isinstance(state, dict) else None
         if not verified and isinstance(model, dict) and CHECKSUM_KEY in model:
             pop_and_verify(dict(model), str(path))  # the model's load_state_dict pops the table

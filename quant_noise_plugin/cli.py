@@ -232,19 +232,27 @@ def cmd_pack(args) -> int:
             raise CheckpointError("--activation-bits 8 needs --calibrate DATA_DIR (training batches fix the activation ranges)")
         if bits != 8:
             raise CheckpointError(f"--activation-bits 8 needs int8 weights: add --scalar-bits 8 (now: {bits or 'none'})")
-    elif args.calibrate:
-        raise CheckpointError("--calibrate is for int8 activations: add --activation-bits 8")
+    elif args.calibrate and args.scalar_method != "gptq":
+        raise CheckpointError("--calibrate is for int8 activations (add --activation-bits 8) or --scalar-method gptq")
     if args.per_tensor and not args.scalar_bits:
         raise CheckpointError("--per-tensor is how --scalar-bits quantizes: add --scalar-bits N")
+    if args.scalar_method == "gptq" and not (args.scalar_bits and args.calibrate):
+        raise CheckpointError("--scalar-method gptq needs --scalar-bits N and --calibrate DATA_DIR (its error feedback weighs by the layers' inputs)")
     use_plugin_names(state["cfg"])
     model, task = _load_model(state, args.checkpoint, args.data)
-    if bits:
-        done = scalar_quantize_remaining_(model, bits, symmetric=activations, per_channel=not args.per_tensor)
-        logger.info("int%d codes%s for %d layers left in float%s", bits, " (per tensor)" if args.per_tensor else "", len(done),
-                    " (symmetric, for int8 kernels)" if activations else "")
-    marker = {"packed": True, "format": PACKED_FORMAT, "scalar_bits": bits, "per_tensor": bool(args.per_tensor), "source": os.path.basename(args.checkpoint)}
-    if activations:
+    batches = criterion = None
+    if args.calibrate:
         batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
+    if bits:
+        hessians = _input_hessians(model, batches, criterion) if args.scalar_method == "gptq" else None
+        done = scalar_quantize_remaining_(model, bits, symmetric=activations, per_channel=not args.per_tensor, hessians=hessians)
+        logger.info("int%d codes%s for %d layers left in float%s%s", bits, " (per tensor)" if args.per_tensor else "", len(done),
+                    " (symmetric, for int8 kernels)" if activations else "",
+                    f", {len(hessians)} by error feedback (gptq) over {len(batches)} batches" if hessians is not None else "")
+    marker = {"packed": True, "format": PACKED_FORMAT, "scalar_bits": bits, "per_tensor": bool(args.per_tensor), "source": os.path.basename(args.checkpoint)}
+    if bits and args.scalar_method == "gptq":
+        marker.update(scalar_method="gptq", calibration_batches=len(batches))
+    if activations:
         # the training criterion runs the model as the task does (e.g. through a classification head)
         params = calibrate_activations_(model, batches, lambda sample: criterion(model, sample), args.observer, args.activation_bits)
         logger.info("int8 inputs for %d Linear layers, %s observer over %d batches of %s", len(params), args.observer, len(batches), args.calibrate)
@@ -262,6 +270,19 @@ def cmd_pack(args) -> int:
         f"({100 * (nbytes - predicted) / predicted:+.1f}%), x{summary['dense_fp32_bytes'] / nbytes:.1f} smaller than fp32"
     )
     return 0
+
+
+def _input_hessians(model, batches, criterion) -> dict:
+    """E[x x^T] of each not-yet-compressed weight's Linear use, on the calibration batches (the model as it is:
+    PQ layers already in their compressed form); weights with no Linear use (an untied embedding) are absent."""
+    from .calibration import collect_input_moments
+    from .providers import provider_of
+    from .schedule import quantizable_weights
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    targets = {names[0]: names for names in quantizable_weights(model).values() if provider_of(modules[names[0]]) is None}
+    moments = collect_input_moments(model, targets, batches, lambda sample: criterion(model, sample), full=True)
+    return {name: m.hessian() for name, m in moments.items() if m.input_outer is not None}
 
 
 def _calibration_batches(state, model, model_task, data_dir: str, n_batches: int, max_tokens: int = 2048):
@@ -381,7 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the paper's scalar baseline; with --scalar-bits)")
     p.add_argument("--activation-bits", type=int, default=None,
                    help="8: int8 inputs for every quantized Linear (needs --scalar-bits 8 and --calibrate); int8 kernels on the CPU")
-    p.add_argument("--calibrate", metavar="DATA_DIR", help="binarized data (the model's dictionaries) whose training batches fix the activation ranges")
+    p.add_argument("--scalar-method", choices=("rtn", "gptq"), default="rtn",
+                   help="how --scalar-bits picks codes: rtn (round to nearest, default) or gptq (error feedback from the layers' "
+                        "inputs on --calibrate's batches: lower output error, same format and size)")
+    p.add_argument("--calibrate", metavar="DATA_DIR", help="binarized data (the model's dictionaries) whose training batches fix the "
+                   "activation ranges (--activation-bits 8) or weigh the errors (--scalar-method gptq)")
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches of --calibrate to observe (default 32)")
     p.add_argument("--observer", choices=OBSERVERS, default="mse", help="how a range is chosen from the observed activations (default mse)")
     p.set_defaults(func=cmd_pack)

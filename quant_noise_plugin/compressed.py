@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .activations import ActivationQuantizer
+from .gptq import quantize_with_error_feedback
 from .inference import provider_weight_fn
 from .pq import PQCodebook
 from .providers import INPUT_CHILD, PQ_CHILD, PROVIDER_CHILDREN, SCALAR_CHILD, is_fitted, provider_of  # noqa: F401  (the format's names)
@@ -180,16 +181,23 @@ def attach_from_state_dict(model: nn.Module, state_dict, free_dense: bool = True
 
 @torch.no_grad()
 def scalar_quantize_remaining_(model: nn.Module, bits: int, free_dense: bool = True, symmetric: bool = False,
-                               per_channel: bool = True) -> List[str]:
+                               per_channel: bool = True, hessians: Optional[Dict[str, Tensor]] = None) -> List[str]:
     """int-``bits`` codes for every Linear/Embedding weight not compressed yet (per-row scales, or one per weight
-    without ``per_channel``: the paper's scalar baseline; ``symmetric``: as int8 kernels take them)."""
+    without ``per_channel``: the paper's scalar baseline; ``symmetric``: as int8 kernels take them).
+
+    ``hessians`` (weight name -> the input second moments of its Linear use): those weights get their codes by
+    error feedback (gptq.py) instead of round-to-nearest, on the same grid."""
     done = []
     modules = dict(model.named_modules(remove_duplicate=False))
     for names in quantizable_weights(model).values():
         if provider_of(modules[names[0]]) is not None:
             continue
         weight = modules[names[0]]._parameters["weight"]
-        provider = ScalarCodes(weight.shape, bits, per_channel=per_channel, symmetric=symmetric).fit(weight)
+        provider = ScalarCodes(weight.shape, bits, per_channel=per_channel, symmetric=symmetric)
+        if hessians is not None and names[0] in hessians:
+            provider.set_codes(*quantize_with_error_feedback(weight, hessians[names[0]], bits, per_channel, symmetric))
+        else:
+            provider.fit(weight)
         for name in names:
             attach_provider(modules[name], SCALAR_CHILD, provider)
             if free_dense:

@@ -99,6 +99,14 @@ class ScalarCodes(torch.nn.Module):
         self.zero_point.copy_(zero_point)
         return self
 
+    @torch.no_grad()
+    def set_codes(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> "ScalarCodes":
+        """Codes chosen elsewhere (error feedback, gptq.py) on this quantizer's grid."""
+        self.codes.copy_(codes.reshape(self.shape))
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        return self
+
     def forward(self) -> Tensor:
         return dequantize(self.codes, self.scale, self.zero_point)
 

@@ -7,7 +7,7 @@ import sys
 from conftest import REPO, run
 
 sys.path.insert(0, str(REPO / "scripts"))
-from experiments.frontier import FIELDS, METRICS, as_cell, frontier_records, means_at, merged, verdict  # noqa: E402
+from experiments.frontier import FIELDS, METRICS, as_cell, frontier_records, means_at, merged, render_panel, verdict  # noqa: E402
 
 
 def cell(mode, column, seed, ppl, size):
@@ -40,7 +40,20 @@ def test_records_ratio_merge_and_verdict():
     assert verdict({**baselines, "qn": recs("qn", 58.0, 59.0)}).startswith("chosen on valid: qn")
 
 
-def test_the_encoders_frontier_is_accuracy_where_higher_wins():
+def test_small_dense_rows_get_their_own_table_and_the_compress_or_train_small_reading():
+    """small_d* rows stay out of the recipe columns; each point of the panel is compared with the small point chosen
+    on valid among those of no more bytes (a smaller model's fp32 point can be the better buy)."""
+    cells = [cell("none", "fp32", 1, 40.0, 8000), cell("none", "ipq_x50", 1, 60.0, 160), cell("none", "int4", 1, 41.0, 1100),
+             cell("small_d16", "fp32", 1, 70.0, 900), cell("small_d16", "int4", 1, 72.0, 150),
+             cell("small_d16_lr3e-3", "int4", 1, 50.0, 150), cell("small_d16_lr3e-3", "int2", 1, 90.0, 80)]
+    text = render_panel(frontier_records(cells, "annealed"), "annealed", "doc")
+    header = text.splitlines()[4]
+    assert "`none`" in header and "small_d" not in header
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ") and "MB |" in line}
+    assert "`small_d16_lr3e-3` int4 (0.000 MB) 50.00 | small model better" in rows["ipq_x50"]  # 150 <= 160 bytes, valid 49 chosen
+    assert "`small_d16_lr3e-3` int4 (0.000 MB) 50.00 | compressed better" in rows["int4"]  # chosen on valid, not the 900-byte fp32
+    assert "| `small_d16_lr3e-3` | int2 | 0.000 MB | 90.00 [valid 89.00] |" in text
+
     """The classifier's records carry accuracy (valid_acc, test_acc), read back as cls cells, and its verdict
     and choice on valid go the other way from perplexity's: a noise recipe wins with every seed above both baselines."""
     cells = [{"task": "cls", "mode": m, "column": c, "seed": 1, "acc": a, "valid_acc": a + 1, "bytes": b, "command": "test"}

@@ -48,6 +48,12 @@ FIELDS = ("preset", "recipe", "point", "ratio", "bytes", "seed", "valid_ppl", "t
 PROVENANCE = ("command", "commit", "device")  # kept beside the fields: what computed the record
 NO_NOISE, QAT = ("none", "none_long", "none_drop0"), ("qat_int4", "qat_int4_long", "qat_int4_drop0")  # the baselines: budgets, dropout
 BASELINES = NO_NOISE + QAT  # a noise recipe must beat a no-noise one and a QAT one at the same point
+SMALL = "small_d"  # rows of smaller dense models (small_d<width>[_lr...]): the buy a user would make instead of compressing
+SMALL_LINE = "small dense (best at each size)"
+
+
+def is_small(recipe: str) -> bool:
+    return recipe.startswith(SMALL)
 
 
 def file_name(task: str, suffix: str) -> str:
@@ -144,7 +150,8 @@ def verdict(recipes: Dict[str, List[dict]], metric: Metric = METRICS["lm"]) -> s
 
 
 def render_panel(records: List[dict], preset: str, doc: str, metric: Metric = METRICS["lm"]) -> str:
-    rs = [r for r in records if r["preset"] == preset]
+    small = [r for r in records if r["preset"] == preset and is_small(r["recipe"])]
+    rs = [r for r in records if r["preset"] == preset and not is_small(r["recipe"])]
     recipes = sorted({r["recipe"] for r in rs}, key=lambda n: (n not in BASELINES, BASELINES.index(n) if n in BASELINES else 0, n))
     points = _by_point(rs)
     order = sorted(points, key=lambda p: -statistics.mean(r["bytes"] for rr in points[p].values() for r in rr))
@@ -160,6 +167,53 @@ def render_panel(records: List[dict], preset: str, doc: str, metric: Metric = ME
         size = f"{statistics.mean(r['bytes'] for r in every) / 1e6:.3f} MB"
         cells = [(_cell(by[n], metric) if n in by else "-") for n in recipes]
         lines.append(f"| {point} | {size} | {ratio} | " + " | ".join(cells) + f" | {verdict(by, metric)} |")
+    if small:
+        lines += ["", render_small(small, rs, metric)]
+    return "\n".join(lines)
+
+
+def _small_points(small: List[dict], metric: Metric) -> List[dict]:
+    """Each small model's points (width, learning rate, packing), means over seeds: the candidates of the small line."""
+    out = []
+    for point, by in _by_point(small).items():
+        for recipe, rs in by.items():
+            out.append({"recipe": recipe, "point": point, "bytes": statistics.mean(r["bytes"] for r in rs), "rs": rs,
+                        "valid": _mean(rs, f"valid_{metric.key}"), "test": statistics.mean(r[f"test_{metric.key}"] for r in rs)})
+    return sorted(out, key=lambda p: -p["bytes"])
+
+
+def _chosen_small(candidates: List[dict], metric: Metric) -> Optional[dict]:
+    """The small point chosen on valid (mean over seeds) among ``candidates``."""
+    judged = [c for c in candidates if c["valid"] is not None]
+    return (max if metric.higher_is_better else min)(judged, key=lambda c: c["valid"], default=None)
+
+
+def render_small(small: List[dict], rest: List[dict], metric: Metric) -> str:
+    """The small dense models' points, then, at each point of the panel, the best of them at no more bytes."""
+    points = _small_points(small, metric)
+    lines = [f"Small dense models, the buy a user would make instead of compressing (rows `{SMALL}<width>[_lr...]`; test {metric.key}, "
+             "mean (seeds) [valid]):", "", "| small model | point | size | test |", "|---|---|---:|---|"]
+    lines += [f"| `{p['recipe']}` | {p['point']} | {p['bytes'] / 1e6:.3f} MB | {_cell(p['rs'], metric)} |" for p in points]
+    lines += ["", f"Compress, or train small? At each point of the panel, the recipe chosen there on valid against the small point chosen "
+              "on valid among those of no more bytes:", "", "| point | size | compressed (chosen on valid) | small, at no more bytes | reading |",
+              "|---|---:|---|---|---|"]
+    by_point = _by_point(rest)
+    for point in sorted(by_point, key=lambda p: -statistics.mean(r["bytes"] for rr in by_point[p].values() for r in rr)):
+        recipes = by_point[point]
+        valid = {n: _mean(rs, f"valid_{metric.key}") for n, rs in recipes.items()}
+        valid = {n: v for n, v in valid.items() if v is not None}
+        if not valid:
+            continue
+        name = (max if metric.higher_is_better else min)(valid, key=valid.get)
+        size = statistics.mean(r["bytes"] for r in recipes[name])
+        big = statistics.mean(r[f"test_{metric.key}"] for r in recipes[name])
+        pick = _chosen_small([p for p in points if p["bytes"] <= size], metric)
+        if pick is None:
+            lines.append(f"| {point} | {size / 1e6:.3f} MB | `{name}` {big:.2f} | none this small | - |")
+            continue
+        winner = "compressed" if metric.better(big, pick["test"]) else "small model"
+        lines.append(f"| {point} | {size / 1e6:.3f} MB | `{name}` {big:.2f} | `{pick['recipe']}` {pick['point']} "
+                     f"({pick['bytes'] / 1e6:.3f} MB) {pick['test']:.2f} | {winner} better |")
     return "\n".join(lines)
 
 
@@ -216,20 +270,25 @@ def plot_frontier(records: List[dict], out, task: str = "lm") -> None:
     fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.8), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         rs = [r for r in records if r["preset"] == preset]
-        for recipe in sorted({r["recipe"] for r in rs}):
+        lines = sorted({r["recipe"] for r in rs if not is_small(r["recipe"])}) + ([SMALL_LINE] if any(is_small(r["recipe"]) for r in rs) else [])
+        for recipe in lines:
             pts = []
-            for point, by in _by_point([r for r in rs if r["recipe"] == recipe]).items():
-                test = [r[f"test_{metric.key}"] for r in by[recipe]]
-                pts.append((statistics.mean(r["bytes"] for r in by[recipe]) / 1e6, statistics.mean(test), min(test), max(test)))
+            members = [r for r in rs if (is_small(r["recipe"]) if recipe == SMALL_LINE else r["recipe"] == recipe)]
+            for point, by in _by_point(members).items():
+                for rows in by.values():  # the small line: every width and learning rate, its front keeps the best
+                    test = [r[f"test_{metric.key}"] for r in rows]
+                    pts.append((statistics.mean(r["bytes"] for r in rows) / 1e6, statistics.mean(test), min(test), max(test)))
             pts.sort()
             front = [p for p in pts if not any(q[0] <= p[0] and metric.better(q[1], p[1]) for q in pts)]  # none smaller and better
             other = [p for p in pts if p not in front]
             style = {"color": "black"} if recipe in NO_NOISE else {"color": "grey", "linestyle": "--"} if recipe in QAT else {}
+            if recipe == SMALL_LINE:
+                style = {"color": "tab:green", "linestyle": "-."}
             if recipe.endswith("_drop0"):  # the same recipe without dropout: its colour family, dotted
                 style["linestyle"] = ":"
             line = ax.errorbar([p[0] for p in front], [p[1] for p in front], yerr=[[p[1] - p[2] for p in front], [p[3] - p[1] for p in front]],
                                marker="o", ms=4, capsize=3, label=recipe, **style)
-            if other:  # points beaten by a smaller one of the same recipe: shown, not joined
+            if other and recipe != SMALL_LINE:  # points beaten by a smaller one of the same recipe: shown, not joined
                 ax.plot([p[0] for p in other], [p[1] for p in other], linestyle="none", marker="o", ms=5, mfc="none",
                         color=line[0].get_color())
         ax.set_xscale("log")
