@@ -88,7 +88,11 @@ def merged(old: List[dict], new: List[dict]) -> List[dict]:
     the rest, so experiments with other rows or columns of one preset add up; records in a stable order."""
     fresh = {_identity(r) for r in new}
     keep = [r for r in old if _identity(r) not in fresh]
-    return sorted(keep + new, key=lambda r: (r["preset"], r["recipe"], -r["bytes"], r["point"], r["seed"]))
+    every = keep + new
+    fp32 = {(r["preset"], r["recipe"], r["seed"]): r["bytes"] for r in every if r["point"] == "fp32"}
+    every = [dict(r, ratio=round(fp32[key] / r["bytes"], 2)) if r.get("ratio") is None and (key := (r["preset"], r["recipe"], r["seed"])) in fp32
+             else r for r in every]  # a point computed without its fp32 in the same run: the stored fp32's ratio
+    return sorted(every, key=lambda r: (r["preset"], r["recipe"], -r["bytes"], r["point"], r["seed"]))
 
 
 def as_cell(record: dict) -> dict:
