@@ -24,8 +24,8 @@ from typing import Any, Dict
 
 from .checkpoints import (PACKED_MARKER, PLUGIN_ARCHS, CheckpointError, _model_family, check_pickle_crc, is_write_failure, model_name,
                           read_checkpoint, write_failure_message)
-from .errors import QuantNoiseError
-from .integrity import CHECKSUM_KEY, pop_and_verify, with_checksums
+from .errors import QuantNoiseError, unreadable_checkpoint_message
+from .integrity import CHECKSUM_KEY, VerifiedStateDict, pop_and_verify, with_checksums
 
 _UNPICKLING_FILES = (os.path.join("torch", "serialization.py"), "_weights_only_unpickler.py", "pickle.py", "zipfile")
 
@@ -60,11 +60,14 @@ def _guarded_load(original):
             if not _raised_while_unpickling(e):
                 raise
             reason = ((str(e).splitlines() or [""])[0].split(". ", 1)[0][:200]) or type(e).__name__
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason}): the file is truncated or corrupted; "
-                                  f"re-create or re-copy it") from None
+            raise CheckpointError(unreadable_checkpoint_message(path, reason)) from None
         model = state.get("model") if isinstance(state, dict) else None
-        if not verified and isinstance(model, dict) and CHECKSUM_KEY in model:
-            pop_and_verify(dict(model), str(path))  # the model's load_state_dict pops the table
+        if isinstance(model, dict) and CHECKSUM_KEY in model:
+            if verified:
+                model.pop(CHECKSUM_KEY)
+            else:
+                pop_and_verify(model, str(path))
+            state["model"] = VerifiedStateDict(model)  # the model's load_state_dict need not verify it again
         return state
 
     load_checkpoint_to_cpu._quant_noise = True

@@ -169,7 +169,9 @@ def cmd_schedule(args) -> int:
               "weight = ||dW||^2, output = sum E[x^2] dW^2 (the activations objective's estimate); "
               "k-means on the weights -> k-means on the activations")
     for stage in plans:
-        print(f"\nstage {stage.index} '{stage.name}': updates {stage.start_update}..{stage.start_update + stage.updates - 1}")
+        every = stage.layers[0].reassign_every
+        moving = f"; codes reassigned every {every} updates" if every else ""
+        print(f"\nstage {stage.index} '{stage.name}': updates {stage.start_update}..{stage.start_update + stage.updates - 1}{moving}")
         for plan in stage.layers:
             size += plan.compressed_bytes - plan.n_weights * 2
             tied = f" (tied: {', '.join(plan.names[1:])})" if len(plan.names) > 1 else ""

@@ -74,6 +74,8 @@ def free_dense_weight(module: nn.Module) -> None:
 
 def attach_pq_plan(model: nn.Module, plan: LayerPlan) -> PQCodebook:
     codebook = PQCodebook(plan.shape, plan.block_size, plan.n_centroids)
+    if plan.reassign_every:
+        codebook.keep_target()
     for name in plan.names:
         attach_provider(model.get_submodule(name), PQ_CHILD, codebook)
     materialize_attention_weights(model)
@@ -98,6 +100,21 @@ def fit_pq(model: nn.Module, plan: LayerPlan, n_iter: int, seed: int, backend: s
         codebook.fitted.fill_(True)
     _refresh_fitted_flag(codebook)
     return float(objective)
+
+
+@torch.no_grad()
+def reassign_pq(model: nn.Module, plan: LayerPlan, importance: Optional[torch.Tensor] = None) -> tuple[float, float, float]:
+    """Move the plan's codes to the nearest centroid of their target weight (PQCodebook.reassign); rank 0 decides
+    under torch.distributed and broadcasts the codes. Returns rank 0's (moved fraction, error before, after)."""
+    codebook = provider_of(model.get_submodule(plan.name))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    result = torch.zeros(3, dtype=torch.float64)
+    if not distributed or torch.distributed.get_rank() == 0:
+        result.copy_(torch.tensor(codebook.reassign(importance), dtype=torch.float64))
+    if distributed:
+        for tensor in (codebook.codes, result):
+            torch.distributed.broadcast(tensor, src=0)
+    return tuple(result.tolist())
 
 
 # --- layout ----------------------------------------------------------------------------------

@@ -54,12 +54,17 @@ def _own_message(exc: QuantNoiseError) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def unreadable_checkpoint_message(path, reason: str) -> str:
+    """What a checkpoint torch cannot unpickle is (one line; the guard and the CLIs' last resort say the same)."""
+    return f"{path}: not a readable torch checkpoint ({reason}): the file is truncated or corrupted; re-create or re-copy it"
+
+
 def _known_failure(exc: BaseException) -> Optional[str]:
     """fairseq/torch failures with a cause the user can fix, said in one line."""
     text = str(exc)
     if isinstance(exc, RuntimeError) and "PytorchStreamReader failed" in text:  # torch.load of a damaged zip
         reason = text.split(". ", 1)[0]
-        return f"{_checkpoint_arg()}: not a readable torch checkpoint ({reason}): the file is truncated or corrupted; re-create or re-copy it"
+        return unreadable_checkpoint_message(_checkpoint_arg(), reason)
     if "Could not infer language pair" in text:  # fairseq's translation task on a directory without language-pair files
         return (f"{_checkpoint_arg()}: a translation model, but its data directory has no language-pair files "
                 f"(train.SRC-TGT.SRC.bin ...): give the translation data it was trained on")

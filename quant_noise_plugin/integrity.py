@@ -67,12 +67,19 @@ def notice_unverified(source: str) -> None:
         logger.warning("%s: packed before checksums (quant-noise < format 2): its contents cannot be verified", source)
 
 
+class VerifiedStateDict(dict):
+    """A model state whose checksum table was verified, and removed, when its file was read (checkpoint_guard.py):
+    the model's load_state_dict does not hash every tensor a second time."""
+
+
 def pop_and_verify(state_dict: Dict[str, Any], source: str = "the checkpoint") -> Optional[bool]:
     """Remove the checksum table from ``state_dict`` (in place) and check every tensor against it.
 
-    Returns True when verified, None when there is no table (a file packed before checksums, or not packed);
-    raises IntegrityError naming ``source`` and the first key that differs.
+    Returns True when verified (now, or at read: VerifiedStateDict), None when there is no table (a file packed
+    before checksums, or not packed); raises IntegrityError naming ``source`` and the first key that differs.
     """
+    if isinstance(state_dict, VerifiedStateDict):
+        return True
     table = state_dict.pop(CHECKSUM_KEY, None)
     if table is None:
         return None

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .bitpack import bits_for, pack_bits, smallest_int_dtype, unpack_bits
-from .kmeans import kmeans
+from .kmeans import assign, kmeans
 from .scalar import dequantize, quantize
 
 
@@ -81,7 +81,32 @@ class PQCodebook(nn.Module):
         self.centroids.copy_(result.centroids)
         self.codes.copy_(result.assignments.to(self.codes.dtype))
         self.fitted.fill_(True)
+        if "target" in self._buffers:
+            self.target.copy_(weight.detach().reshape(self.shape))
         return result.objective
+
+    def keep_target(self) -> None:
+        """Codes that move (see ``reassign``): keep the weight the codes were fitted to, in training checkpoints
+        (a resumed run reassigns towards the same weight; packed files never hold it)."""
+        if "target" not in self._buffers:
+            self.register_buffer("target", torch.zeros(self.shape))
+
+    @torch.no_grad()
+    def reassign(self, importance: Optional[Tensor] = None) -> tuple[float, float, float]:
+        """Move every block's code to the centroid nearest its target weight, as the centroids are now (after
+        finetuning moved them): one assignment step of k-means with the centroids the task's loss chose.
+        Returns (fraction of blocks whose code changed, weighted error before, after)."""
+        if "target" not in self._buffers:
+            raise RuntimeError("reassign needs keep_target() before fit()")
+        points = self.blocks_of(self.target).float()
+        weights = None if importance is None else self.blocks_of(importance.expand(self.shape)).float()
+        centroids = self.centroids.detach().float()
+        before = points - centroids[self.codes.long()]
+        before = float(((before * before) if weights is None else weights * before * before).sum())
+        labels, dists = assign(points, centroids, importance=weights)
+        moved = float((labels != self.codes.long()).float().mean())
+        self.codes.copy_(labels.to(self.codes.dtype))
+        return moved, before, float(dists.sum())
 
     def forward(self) -> Tensor:
         codes = self.codes.long()
@@ -121,6 +146,12 @@ class PQCodebook(nn.Module):
             scale, zero_point = state_dict.pop(prefix + "centroids_scale"), state_dict.pop(prefix + "centroids_zero_point")
             state_dict[prefix + "centroids"] = dequantize(codes, scale, zero_point)
             self.centroid_codes = (codes, scale, zero_point)  # what the centroids are, exactly, in integers
+        if "target" not in self._buffers:
+            state_dict.pop(prefix + "target", None)  # a training checkpoint's, read for inference: not part of the model
+        elif prefix + "target" not in state_dict and prefix + "centroids" in state_dict and prefix + "codes" in state_dict:
+            # a checkpoint fitted without moving codes: the target is what the codes decode to (reassigning keeps them)
+            decoded = state_dict[prefix + "centroids"].float()[state_dict[prefix + "codes"].long()]
+            state_dict[prefix + "target"] = decoded.reshape(self.shape)
         if prefix + "fitted" not in state_dict:
             for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
                 state_dict.setdefault(prefix + name, tensor.detach())

@@ -45,6 +45,9 @@ class StageConfig:
     block_size: Dict[str, int] = field(default_factory=dict)  # per layer type, overrides defaults
     n_centroids: Dict[str, int] = field(default_factory=dict)
     objective: Optional[str] = None  # weights or activations; None: the schedule's
+    # every N updates of the stage's finetuning, each block of its layers moves to the centroid nearest the weight it
+    # was fitted to (the centroids as finetuning moved them); 0: codes frozen once fitted (the paper's)
+    reassign_every: int = 0
 
 
 @dataclass
@@ -131,6 +134,8 @@ def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
         names.add(stage.name)
         if stage.updates <= 0:
             raise ScheduleError(f"{where}: key updates: must be > 0, got {stage.updates}")
+        if not 0 <= stage.reassign_every < stage.updates:
+            raise ScheduleError(f"{where}: key reassign_every: must be >= 0 (0: codes frozen) and below the stage's {stage.updates} updates, got {stage.reassign_every}")
         if stage.objective is not None and stage.objective not in OBJECTIVES:
             raise ScheduleError(f"{where}: key objective: {stage.objective!r} (use {' or '.join(OBJECTIVES)})")
         try:
@@ -155,6 +160,7 @@ class LayerPlan:
     block_size: int
     n_centroids: int
     objective: str = "weights"
+    reassign_every: int = 0
 
     @property
     def name(self) -> str:
@@ -233,7 +239,7 @@ def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<sc
             except ValueError as e:
                 raise ScheduleError(f"{where}: {e}") from None
             owner[names[0]] = stage.name
-            layers.append(LayerPlan(names, kind, shape, block_size, n_centroids, stage.objective or schedule.objective))
+            layers.append(LayerPlan(names, kind, shape, block_size, n_centroids, stage.objective or schedule.objective, stage.reassign_every))
         if not layers:
             raise ScheduleError(
                 f"{where}: key layers: regex {stage.layers!r} matches no Linear/Embedding layer of the model "

@@ -124,19 +124,6 @@ def test_unpack_gives_a_checkpoint_stock_fairseq_loads_with_the_same_logits(ipq,
     assert ppl_stock == pytest.approx(ppl_plugin, rel=1e-4)
 
 
-@pytest.mark.parametrize("killed_at", [4])  # inside stage 2, after its calibration (tests/test_robustness.py kills at other points)
-def test_interrupted_schedule_resumes_to_the_same_result(ipq, lm_data, dense_lm, schedule_file, tmp_path, killed_at):
-    first = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, max_update=killed_at)
-    assert ("quantized at update 3" in first.output) == (killed_at == 4)
-    second = ipq_train(lm_data, tmp_path, dense_lm, schedule_file, max_update=6)  # same command again
-    assert "Loaded checkpoint" in second.output and ("quantized at update" in second.output) == (killed_at == 2)
-    resumed = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)["model"]
-    straight = torch.load(ipq[0] / "checkpoint_last.pt", weights_only=False)["model"]
-    assert sorted(resumed) == sorted(straight)
-    for key in straight:
-        assert torch.allclose(resumed[key].float(), straight[key].float(), atol=1e-5), key
-
-
 def test_activation_objective_gives_other_codes_than_the_weights_objective(ipq, lm_data, dense_lm, tmp_path):
     """The same schedule with stage 2's k-means on the weights alone: stage 1's codes are the same, stage 2's are not
     (codes stay frozen while the centroids finetune, so the fixture's final codes are the k-means' own)."""
@@ -219,3 +206,27 @@ def test_quant_noise_commands_print_their_own_lines_only(ipq, lm_data, tmp_path)
         assert out.strip()  # each says what it did
     verbose = run(["quant-noise", "--verbose", "size", checkpoint, "--data", lm_data]).output
     assert "dictionary: " in verbose
+
+
+def test_codes_that_move_are_reassigned_and_a_resumed_run_reassigns_alike(lm_data, dense_lm, tmp_path):
+    """(The resume test of iPQ: tests/test_robustness.py kills at other points.) reassign_every: 1 in both stages (the second on the activations objective): after each finetuning update the
+    stage's blocks move to the centroid nearest their fitted weight; a run stopped inside stage 2 and rerun ends with
+    the straight run's codes, and fairseq-eval-lm reads the training checkpoint (its targets are not model weights)."""
+    moving = tmp_path / "moving.yaml"
+    moving.write_text(SCHEDULE.replace("updates: 3", "updates: 3\n    reassign_every: 1"))
+    assert "updates 3..5; codes reassigned every 1 updates" in run(["quant-noise", "schedule", dense_lm, moving]).stdout
+    straight = ipq_train(lm_data, tmp_path / "straight", dense_lm, moving, "--lr", "0.01").output
+    for update in (1, 2, 4, 5):
+        assert f"codes reassigned at update {update}" in straight
+    moved = [float(m) for m in re.findall(r"codes reassigned at update \d: ([\d.]+)% of blocks moved", straight)]
+    assert max(moved) > 0, moved
+    first = ipq_train(lm_data, tmp_path / "resumed", dense_lm, moving, "--lr", "0.01", max_update=4).output
+    assert "quantized at update 3" in first  # stopped inside stage 2, after its calibration and first reassignment
+    second = ipq_train(lm_data, tmp_path / "resumed", dense_lm, moving, "--lr", "0.01").output  # same command again
+    assert "Loaded checkpoint" in second and "quantized at update" not in second
+    ours = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=False)["model"]
+    theirs = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=False)["model"]
+    assert "decoder.layers.0.fc1.weight_pq.target" in theirs and sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert torch.allclose(ours[key].float(), theirs[key].float(), atol=1e-5), key
+    assert eval_lm_ppl(lm_data, tmp_path / "straight" / "checkpoint_last.pt", "--user-dir", PLUGIN) < 1e4

@@ -52,3 +52,29 @@ def test_renamed_missing_or_reshaped_tensors_are_caught(damage, message):
 def test_packed_state_dicts_are_told_from_training_ones():
     assert looks_packed(_state())
     assert not looks_packed({"a.weight_pq.centroids": torch.zeros(4, 2), "a.weight_pq.codes": torch.zeros(8, dtype=torch.uint8)})
+
+
+def test_a_file_verified_when_read_is_not_hashed_again(tmp_path, monkeypatch):
+    """fairseq's checkpoint read (wrapped by checkpoint_guard) verifies a checksummed model state once and hands the
+    model a VerifiedStateDict without the table; a damaged tensor still fails there."""
+    from fairseq import checkpoint_utils
+
+    import quant_noise_plugin  # noqa: F401  (installs the guard)
+    from quant_noise_plugin import integrity
+
+    model = with_checksums({"a.weight": torch.randn(4, 4), "b.bias": torch.randn(4)})
+    history = [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}]
+    rest = {"cfg": None, "optimizer_history": history, "extra_state": {"train_iterator": None}}
+    torch.save({"model": model, **rest}, tmp_path / "ok.pt")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "ok.pt"))
+    assert isinstance(state["model"], integrity.VerifiedStateDict) and CHECKSUM_KEY not in state["model"]
+    calls = []
+    monkeypatch.setattr(integrity, "tensor_crc32", lambda t: calls.append(t) or 0)
+    assert pop_and_verify(state["model"]) is True and not calls
+    monkeypatch.undo()
+    bad = dict(model)
+    bad["a.weight"] = bad["a.weight"].clone()
+    bad["a.weight"][0, 0] += 1
+    torch.save({"model": bad, **rest}, tmp_path / "bad.pt")
+    with pytest.raises(IntegrityError, match="tensor a.weight fails its checksum"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "bad.pt"))

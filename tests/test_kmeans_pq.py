@@ -153,3 +153,42 @@ def test_bad_importance_is_refused(importance, backend, message):
     with pytest.raises(ValueError) as err:
         kmeans(torch.randn(256, 8), 4, backend=backend, importance=importance)
     assert message in str(err.value)
+
+
+def test_reassign_moves_codes_to_the_centroid_nearest_the_fitted_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 32)
+    importance = torch.rand(1, 32) + 0.1
+    book = PQCodebook(weight.shape, 4, 8)
+    book.keep_target()
+    book.fit(weight, n_iter=5, seed=0, backend="torch", importance=importance)
+    assert torch.equal(book.target, weight)
+    assert book.reassign(importance)[0] == 0.0  # fitted codes are already the nearest (k-means converged or not: final assign)
+    with torch.no_grad():
+        book.centroids.add_(0.5 * torch.randn_like(book.centroids))  # as finetuning moves them
+    codes_before = book.codes.clone()
+    moved, before, after = book.reassign(importance)
+    blocks, weights = weight.reshape(-1, 4), importance.expand(16, 32).reshape(-1, 4)
+    errors = (weights.unsqueeze(1) * (blocks.unsqueeze(1) - book.centroids.detach().unsqueeze(0)) ** 2).sum(-1)
+    assert torch.equal(book.codes.long(), errors.argmin(1))  # the weighted nearest, not the plain one
+    assert moved == pytest.approx(float((book.codes != codes_before).float().mean())) and moved > 0.2
+    assert after == pytest.approx(float(errors.min(1).values.sum()), rel=1e-5) and after < before
+    assert not torch.equal(errors.argmin(1), ((blocks.unsqueeze(1) - book.centroids.detach().unsqueeze(0)) ** 2).sum(-1).argmin(1))
+
+
+def test_reassign_target_is_kept_in_training_state_only():
+    weight = torch.randn(8, 16)
+    book = PQCodebook(weight.shape, 4, 4)
+    book.keep_target()
+    book.fit(weight, n_iter=3, backend="torch")
+    state = book.state_dict()
+    assert torch.equal(state["target"], weight) and "target" not in book.packed_state()
+    frozen = PQCodebook(weight.shape, 4, 4)  # inference or a schedule without moving codes: the target is dropped
+    frozen.load_state_dict(dict(state))
+    assert "target" not in frozen.state_dict() and torch.equal(frozen.codes, book.codes)
+    older = PQCodebook(weight.shape, 4, 4)  # fitted by a schedule without it: the target is what the codes decode to
+    older.keep_target()
+    older.load_state_dict({k: v for k, v in state.items() if k != "target"})
+    assert torch.equal(older.target, book().detach()) and older.reassign()[0] == 0.0
+    with pytest.raises(RuntimeError, match="keep_target"):
+        frozen.reassign()

@@ -70,6 +70,8 @@ def test_embeddings_first_schedule_puts_the_tied_embedding_first_with_more_centr
         ("stages:\n  - {name: a, layers: '(', updates: 1}\n", "invalid regex"),
         ("objective: outputs\nstages:\n  - {name: a, layers: 'x', updates: 1}\n", "key objective: 'outputs' (use weights or activations)"),
         ("stages:\n  - {name: a, layers: 'x', updates: 1, objective: hessian}\n", "stage 0 (a): key objective: 'hessian'"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 4, reassign_every: -1}\n", "stage 0 (a): key reassign_every: must be >= 0"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 4, reassign_every: 4}\n", "below the stage's 4 updates, got 4"),
     ],
 )
 def test_bad_yaml_is_a_one_line_error_naming_the_key(tmp_path, text, message):

@@ -31,7 +31,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from ..calibration import collect_input_moments
-from ..compressed import PROVIDER_CHILDREN, attach_pq_plan, fit_pq, is_fitted, layout_of, provider_of
+from ..compressed import PROVIDER_CHILDREN, attach_pq_plan, fit_pq, is_fitted, layout_of, provider_of, reassign_pq
 from ..models.compressed_loading import CompressedLoadingMixin
 from ..schedule import ScheduleError, load_schedule, plan_schedule, schedule_to_dict
 from ..sizes import dense_fp32_bytes, size_rows
@@ -201,6 +201,7 @@ class IPQTaskMixin:
 
     def _advance_schedule(self, model, update_num: int, criterion=None) -> None:
         inner = unwrapped(model)
+        self._reassign_codes(inner, update_num, criterion)
         for stage in self.ipq_plans:
             if stage.start_update > update_num:
                 break
@@ -225,6 +226,27 @@ class IPQTaskMixin:
                 stage.index, stage.name, update_num, compressed / 1e6, dense / 1e6, dense / compressed, len(todo), seconds,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             )
+
+    def _reassign_codes(self, inner, update_num: int, criterion) -> None:
+        """Codes that move (schedule key reassign_every): inside a stage's finetuning, every N updates, each block
+        of its layers moves to the centroid nearest its fitted weight. Decided by the update number alone, so a
+        resumed run reassigns at the same updates."""
+        if getattr(self, "_reassigned_at", None) == update_num:
+            return  # train_step runs once per micro-batch (--update-freq): reassign once per update
+        self._reassigned_at = update_num
+        for stage in self.ipq_plans:
+            offset = update_num - stage.start_update
+            every = stage.layers[0].reassign_every
+            if not every or not 0 < offset < stage.updates or offset % every:
+                continue
+            start = time.perf_counter()
+            importance = self._importance(inner, criterion, stage.layers)
+            for plan in stage.layers:
+                moved, before, after = reassign_pq(inner, plan, importance.get(plan.name))
+                logger.info("ipq stage %s: %s codes reassigned at update %d: %.2f%% of blocks moved, %s error %.4g -> %.4g",
+                            stage.name, plan.name, update_num, 100 * moved, plan.objective, before, after)
+            logger.info("ipq stage %d (%s): codes of %d weights reassigned at update %d, %.1f s", stage.index, stage.name,
+                        len(stage.layers), update_num, time.perf_counter() - start)
 
     def _check_ipq_flags(self) -> None:
         """The iPQ flags fairseq's parser cannot range-check, before any training."""
