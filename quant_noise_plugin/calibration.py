@@ -46,6 +46,21 @@ class InputMoments:
             raise ValueError("no calibration input reached this weight's Linear use")
         return (self.input_outer / self.n_inputs).float()
 
+    def output_hessian(self) -> torch.Tensor:
+        """The column metric of the ``output`` objective (gptq.quantize_pq_to_output): E[x x^T] of the Linear uses; a
+        weight also looked up (tied) mixes it, normalized to mean diagonal 1, half and half with the lookup's identity,
+        as ``importance`` mixes their diagonals."""
+        h = self.hessian()
+        if self.row_counts is not None:
+            h = 0.5 * (torch.eye(h.shape[0]) + h / torch.diagonal(h).mean().clamp_min(1e-30))
+        return h
+
+    def row_weights(self, damping: float = IMPORTANCE_DAMPING) -> Optional[torch.Tensor]:
+        """How much each row's error counts (an Embedding's look-up frequency, mean 1), or None: all rows alike."""
+        if self.row_counts is None or float(self.row_counts.sum()) <= 0:
+            return None
+        return (self.row_counts / self.row_counts.mean() + damping).float()
+
     def importance(self, damping: float = IMPORTANCE_DAMPING) -> torch.Tensor:
         """Per-coordinate weights of the weight matrix (rows, cols), as a (rows or 1, cols or 1) tensor.
 
@@ -62,9 +77,8 @@ class InputMoments:
             if self.row_counts is not None:
                 cols = 0.5 * (1.0 + cols)
             cols = (cols + damping).unsqueeze(0)
-        rows = None
-        if self.row_counts is not None and float(self.row_counts.sum()) > 0:
-            rows = (self.row_counts / self.row_counts.mean() + damping).unsqueeze(1)
+        rows = self.row_weights(damping)
+        rows = None if rows is None else rows.double().unsqueeze(1)
         if rows is None and cols is None:
             raise ValueError("no calibration input reached this weight")
         weight = rows if cols is None else cols if rows is None else rows * cols

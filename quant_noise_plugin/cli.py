@@ -165,9 +165,10 @@ def cmd_schedule(args) -> int:
     print(f"{args.schedule}: {len(plans)} stages, {schedule.total_updates} updates; start: {size / 1e6:.3f} MB fp16, {dense / 1e6:.3f} MB fp32")
     errors = _objective_errors(state, model, task, args, schedule, [p for stage in plans for p in stage.layers]) if args.calibrate else {}
     if errors:
-        print("errors of one k-means on this model (no finetuning, earlier stages not applied), relative to the weight: "
-              "weight = ||dW||^2, output = sum E[x^2] dW^2 (the activations objective's estimate); "
-              "k-means on the weights -> k-means on the activations")
+        print("errors of each objective's fit on this model (no finetuning, earlier stages not applied), relative to the "
+              "weight: weight = ||dW||^2, output = sum E[x^2] dW^2 (the activations objective's estimate), with E[x x^T] = "
+              "sum dW E[x x^T] dW^T (what the output objective minimizes, embedding rows weighted by frequency; layers a "
+              "Linear uses); objective weights -> activations -> output")
     for stage in plans:
         every = stage.layers[0].reassign_every
         moving = f"; codes reassigned every {every} updates" if every else ""
@@ -180,31 +181,43 @@ def cmd_schedule(args) -> int:
                 f"K={plan.n_centroids:<5d} {bits_for(plan.n_centroids) / plan.block_size:.2f} bits/w{tied}"
             )
             if plan.name in errors:
-                (w_plain, o_plain), (w_act, o_act) = errors[plan.name]
-                print(f"    stage's objective {plan.objective}: weight error {w_plain:.4f} -> {w_act:.4f}, output error {o_plain:.4f} -> {o_act:.4f}")
+                weight_errors, output_estimates, output_errors = zip(*errors[plan.name])
+                line = f"    stage's objective {plan.objective}: weight error {_arrows(weight_errors)}, output error {_arrows(output_estimates)}"
+                if output_errors[0] is not None:
+                    line += f", with E[x x^T]: {_arrows(output_errors)}"
+                print(line)
         print(f"  -> predicted size after stage: {size / 1e6:.3f} MB (x{dense / size:.1f} vs fp32)")
     return 0
 
 
-def _objective_errors(state, model, task, args, schedule, plans) -> dict:
-    """Per plan, the relative (weight, output) errors of one k-means on the weights and one on the activations."""
-    import torch
+def _arrows(values) -> str:
+    return " -> ".join(f"{v:.4f}" for v in values)
 
+
+def _objective_errors(state, model, task, args, schedule, plans) -> dict:
+    """Per plan and objective (weights, activations, output), the relative (weight, diagonal output estimate, output)
+    errors of that objective's fit (the output objective and error: a weight with no Linear use has none; the output
+    objective then keeps the activations fit, as the iPQ task does)."""
     from .calibration import collect_input_moments
+    from .gptq import output_error
     from .pq import PQCodebook
 
     batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
-    moments = collect_input_moments(model, {p.name: p.names for p in plans}, batches, lambda sample: criterion(model, sample))
+    moments = collect_input_moments(model, {p.name: p.names for p in plans}, batches, lambda sample: criterion(model, sample), full=True)
     errors = {}
     for plan in plans:
+        stats = moments[plan.name]
         weight = model.get_submodule(plan.name).weight.detach().float()
-        importance = moments[plan.name].importance().expand(weight.shape)
+        importance = stats.importance().expand(weight.shape)
+        hessian = stats.output_hessian() if stats.input_outer is not None and stats.n_inputs and weight.dim() == 2 else None
         row = []
-        for weighted in (None, importance):
+        for fit in ({}, {"importance": importance}, {"importance": importance, "hessian": hessian, "row_weights": stats.row_weights()}):
             codebook = PQCodebook(weight.shape, plan.block_size, plan.n_centroids)
-            codebook.fit(weight, n_iter=schedule.kmeans_iterations, seed=schedule.seed, importance=weighted)
-            delta = (weight - codebook().detach()) ** 2
-            row.append((float(delta.sum() / (weight ** 2).sum()), float((importance * delta).sum() / (importance * weight ** 2).sum())))
+            codebook.fit(weight, n_iter=schedule.kmeans_iterations, seed=schedule.seed, **fit)
+            approx = codebook().detach()
+            delta = (weight - approx) ** 2
+            row.append((float(delta.sum() / (weight ** 2).sum()), float((importance * delta).sum() / (importance * weight ** 2).sum()),
+                        None if hessian is None else output_error(weight, approx, hessian, stats.row_weights())))
         errors[plan.name] = row
     return errors
 
@@ -391,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("schedule")
     p.add_argument("--data")
     p.add_argument("--calibrate", metavar="DATA_DIR",
-                   help="binarized training data: also show each layer's weight and output error under both k-means objectives")
+                   help="binarized training data: also show each layer's weight and output errors under each objective (weights, activations, output)")
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches of --calibrate to run (default 32)")
     p.set_defaults(func=cmd_schedule)
 

@@ -84,8 +84,10 @@ def attach_pq_plan(model: nn.Module, plan: LayerPlan) -> PQCodebook:
 
 @torch.no_grad()
 def fit_pq(model: nn.Module, plan: LayerPlan, n_iter: int, seed: int, backend: str = "auto",
-           importance: Optional[torch.Tensor] = None) -> float:
-    """k-means the plan's weight into its codebook (``importance``: per-weight error weights, see PQCodebook.fit).
+           importance: Optional[torch.Tensor] = None, hessian: Optional[torch.Tensor] = None,
+           row_weights: Optional[torch.Tensor] = None) -> float:
+    """k-means the plan's weight into its codebook (``importance``: per-weight error weights; ``hessian``,
+    ``row_weights``: the output objective's codes and centroids; see PQCodebook.fit).
     Under torch.distributed rank 0 runs the k-means and broadcasts its centroids and codes (the other ranks
     would only compete for the same cores); returns rank 0's objective."""
     module = model.get_submodule(plan.name)
@@ -93,7 +95,8 @@ def fit_pq(model: nn.Module, plan: LayerPlan, n_iter: int, seed: int, backend: s
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     objective = torch.zeros(1, dtype=torch.float64)
     if not distributed or torch.distributed.get_rank() == 0:
-        objective.fill_(codebook.fit(module._parameters["weight"], n_iter=n_iter, seed=seed, backend=backend, importance=importance))
+        objective.fill_(codebook.fit(module._parameters["weight"], n_iter=n_iter, seed=seed, backend=backend, importance=importance,
+                                        hessian=hessian, row_weights=row_weights))
     if distributed:
         for tensor in (codebook.centroids.data, codebook.codes, objective):
             torch.distributed.broadcast(tensor, src=0)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .bitpack import bits_for, pack_bits, smallest_int_dtype, unpack_bits
+from .gptq import output_error, quantize_pq_to_output
 from .kmeans import assign, kmeans
 from .scalar import dequantize, quantize
 
@@ -72,18 +73,30 @@ class PQCodebook(nn.Module):
 
     @torch.no_grad()
     def fit(self, weight: Tensor, n_iter: int = 20, seed: int = 0, backend: str = "auto",
-            importance: Optional[Tensor] = None) -> float:
+            importance: Optional[Tensor] = None, hessian: Optional[Tensor] = None,
+            row_weights: Optional[Tensor] = None) -> float:
         """k-means on the blocks of ``weight``; returns the final objective. ``importance`` (broadcastable to the
-        weight's shape, e.g. calibration.InputMoments.importance()) weighs each weight's squared error."""
+        weight's shape, e.g. calibration.InputMoments.importance()) weighs each weight's squared error.
+
+        ``hessian`` (the input second moments of a 2-D weight's Linear use, (cols, cols)): the k-means then only
+        starts the centroids; codes by error feedback and centroids by least squares on the output error follow
+        (gptq.quantize_pq_to_output, with ``row_weights`` per row), and the relative output error is returned."""
         blocks = None if importance is None else self.blocks_of(importance.expand(weight.shape))
         result = kmeans(self.blocks_of(weight).float(), self.n_centroids, n_iter=n_iter, seed=seed, backend=backend,
                         importance=blocks)
-        self.centroids.copy_(result.centroids)
-        self.codes.copy_(result.assignments.to(self.codes.dtype))
+        centroids, codes, objective = result.centroids, result.assignments, result.objective
+        if hessian is not None:
+            w = weight.detach().float().reshape(self.shape[0], -1)
+            refined, refined_codes = quantize_pq_to_output(w, hessian.to(w.device), centroids, row_weights=row_weights)
+            if refined_codes is not None:
+                centroids, codes = refined, refined_codes
+            objective = output_error(w, centroids[codes].reshape(w.shape), hessian.to(w.device))
+        self.centroids.copy_(centroids)
+        self.codes.copy_(codes.to(self.codes.dtype))
         self.fitted.fill_(True)
         if "target" in self._buffers:
             self.target.copy_(weight.detach().reshape(self.shape))
-        return result.objective
+        return objective
 
     def keep_target(self) -> None:
         """Codes that move (see ``reassign``): keep the weight the codes were fitted to, in training checkpoints

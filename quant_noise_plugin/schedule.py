@@ -23,8 +23,10 @@ from .pq import check_pq_shape
 
 LAYER_TYPES = {"Linear": nn.Linear, "Embedding": nn.Embedding}
 # What a stage's k-means minimizes: the weights' squared error (the paper's), or that error weighted per
-# coordinate by the layer's calibration input statistics (calibration.InputMoments: an estimate of the output error)
-OBJECTIVES = ("weights", "activations")
+# coordinate by the layer's calibration input statistics (calibration.InputMoments: an estimate of the output error),
+# or the output error itself: that weighted k-means, then codes by error feedback and centroids by least squares on
+# the full input second moments (gptq.quantize_pq_to_output; a weight no Linear uses falls back to activations)
+OBJECTIVES = ("weights", "activations", "output")
 
 
 class ScheduleError(QuantNoiseError):
@@ -44,7 +46,7 @@ class StageConfig:
     updates: int = MISSING  # finetuning updates after quantizing this stage's layers
     block_size: Dict[str, int] = field(default_factory=dict)  # per layer type, overrides defaults
     n_centroids: Dict[str, int] = field(default_factory=dict)
-    objective: Optional[str] = None  # weights or activations; None: the schedule's
+    objective: Optional[str] = None  # one of OBJECTIVES; None: the schedule's
     # every N updates of the stage's finetuning, each block of its layers moves to the centroid nearest the weight it
     # was fitted to (the centroids as finetuning moved them); 0: codes frozen once fitted (the paper's)
     reassign_every: int = 0
@@ -121,7 +123,7 @@ def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
         if kind not in LAYER_TYPES:
             raise ScheduleError(f"{source}: key defaults.{kind}: unknown layer type (use {', '.join(LAYER_TYPES)})")
     if schedule.objective not in OBJECTIVES:
-        raise ScheduleError(f"{source}: key objective: {schedule.objective!r} (use {' or '.join(OBJECTIVES)})")
+        raise ScheduleError(f"{source}: key objective: {schedule.objective!r} (use {', '.join(OBJECTIVES)})")
     if schedule.kmeans_iterations <= 0:
         raise ScheduleError(f"{source}: key kmeans_iterations: must be > 0, got {schedule.kmeans_iterations}")
     if schedule.final_scalar_bits not in (None, 4, 8):
@@ -137,7 +139,7 @@ def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
         if not 0 <= stage.reassign_every < stage.updates:
             raise ScheduleError(f"{where}: key reassign_every: must be >= 0 (0: codes frozen) and below the stage's {stage.updates} updates, got {stage.reassign_every}")
         if stage.objective is not None and stage.objective not in OBJECTIVES:
-            raise ScheduleError(f"{where}: key objective: {stage.objective!r} (use {' or '.join(OBJECTIVES)})")
+            raise ScheduleError(f"{where}: key objective: {stage.objective!r} (use {', '.join(OBJECTIVES)})")
         try:
             re.compile(stage.layers)
         except re.error as e:

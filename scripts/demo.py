@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The main job: KJV data -> Quant-Noise training -> iPQ -> eval on the compressed checkpoint -> size.
 
-`make demo` runs it; about 15 minutes on 2 CPU cores. It is the `demo` experiment of
+`make demo` runs it; about 18 minutes on 2 CPU cores. It is the `demo` experiment of
 configs/experiments/experiments.yaml run by the reproduction's runner (the frontier's winning recipe,
-centroid Quant-Noise P=0.1 at the schedule's K on the annealed preset, then its x38 iPQ schedule), walked
+centroid Quant-Noise P=0.1 at the schedule's K on the annealed preset, then its x38 iPQ schedule on the output objective, distilled), walked
 through step by step: its runs and cells are the reproduction's, so `scripts/reproduce.py --experiment demo`
 reuses them and the two cannot drift apart. Reruns reuse finished steps. The summary goes to WORK/results/demo.md
 (`--results results` replaces the shipped one).

@@ -138,6 +138,22 @@ def test_activation_objective_gives_other_codes_than_the_weights_objective(ipq, 
         assert (ours[key] != theirs[key]).float().mean() > 0.05, layer
 
 
+def test_output_objective_chooses_codes_by_error_feedback(ipq, lm_data, dense_lm, tmp_path):
+    """Stage 2 on the output objective: its layers (the tied embedding through its output projection too) start from
+    the activations objective's k-means, then get other codes (error feedback) and centroids (least squares)."""
+    schedule = tmp_path / "output.yaml"
+    schedule.write_text(SCHEDULE.replace("objective: activations", "objective: output"))
+    output = ipq_train(lm_data, tmp_path / "run", dense_lm, schedule, max_update=4).output
+    assert "decoder.embed_tokens [" in output and "k-means objective (output)" in output
+    assert "decoder.layers.1.self_attn.v_proj [64, 64] -> 16 x 4 centroids, k-means objective (output)" in output
+    ours = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=False)["model"]
+    activations = torch.load(ipq[0] / "checkpoint_last.pt", weights_only=False)["model"]
+    assert torch.equal(ours["decoder.layers.0.fc1.weight_pq.codes"], activations["decoder.layers.0.fc1.weight_pq.codes"])
+    for layer in ("decoder.embed_tokens", "decoder.layers.0.self_attn.q_proj", "decoder.layers.1.self_attn.out_proj"):
+        key = f"{layer}.weight_pq.codes"
+        assert (ours[key] != activations[key]).float().mean() > 0.05, layer
+
+
 def test_restore_file_quantized_by_another_schedule_is_rejected(ipq, lm_data, tmp_path, schedule_file):
     other = tmp_path / "other.yaml"
     other.write_text(SCHEDULE.replace("n_centroids: 16", "n_centroids: 8"))
@@ -162,14 +178,17 @@ def test_schedule_command_previews_stages(dense_lm, schedule_file):
     assert out.count("predicted size after stage") == 2
 
 
-def test_schedule_preview_with_calibration_data_shows_both_objectives_errors(dense_lm, schedule_file, lm_data):
+def test_schedule_preview_with_calibration_data_shows_each_objectives_errors(dense_lm, schedule_file, lm_data):
     out = run(["quant-noise", "schedule", dense_lm, schedule_file, "--calibrate", lm_data, "--calibration-batches", "4"]).stdout
-    rows = re.findall(r"stage's objective (\w+): weight error ([\d.]+) -> ([\d.]+), output error ([\d.]+) -> ([\d.]+)", out)
+    number = r"([\d.]+)"
+    triple = " -> ".join([number] * 3)
+    rows = re.findall(rf"stage's objective (\w+): weight error {triple}, output error {triple}, with E\[x x\^T\]: {triple}", out)
     assert len(rows) == 13 and [r[0] for r in rows] == ["weights"] * 4 + ["activations"] * 9  # every layer of both stages
     errors = [[float(x) for x in r[1:]] for r in rows]
-    # each k-means is best at what it minimizes, on the sum over layers
-    assert sum(e[0] for e in errors) < sum(e[1] for e in errors)
-    assert sum(e[3] for e in errors) < sum(e[2] for e in errors)
+    # each fit is best at what it minimizes, on the sum over layers: weights, the diagonal estimate, the output error
+    assert sum(e[0] for e in errors) < min(sum(e[1] for e in errors), sum(e[2] for e in errors))
+    assert sum(e[4] for e in errors) < sum(e[3] for e in errors)
+    assert sum(e[8] for e in errors) < min(sum(e[6] for e in errors), sum(e[7] for e in errors))
 
 
 def test_damaged_checkpoints_get_one_line_errors(dense_lm, tmp_path):

@@ -32,7 +32,7 @@ def broken_grid(tmp_path, file, old, new):
     ("presets.yaml", "    updates: 600\n", "    updates: six hundred\n", "presets.yaml: quick: key lm.updates"),
     ("presets.yaml", "configs/ipq/qn_transformer_demo.yaml", "configs/ipq/missing.yaml", "quick.mt.schedules.ipq: no such file"),
     ("columns.yaml", "  after_ipq: false", "  after_ipq: sometimes", "columns.yaml: int4: key after_ipq"),
-    ("experiments.yaml", "modes: [qn_centroids_k16_0.1]", "modes: [qn_pq_7]", "experiments.yaml: demo: unknown mode 'qn_pq_7'"),
+    ("experiments.yaml", "modes: [qn_centroids_k16_0.1_kd]", "modes: [qn_pq_7]", "experiments.yaml: demo: unknown mode 'qn_pq_7'"),
     ("presets.yaml", "    lr_scheduler: polynomial_decay\n", "    lr_scheduler: cosine\n", "presets.yaml: annealed.lm.lr_scheduler: 'cosine'"),
     ("presets.yaml", "    keep_best: true\n", "    keep_best: false\n", "presets.yaml: annealed.lm.patience: needs keep_best: true"),
 ])
@@ -82,7 +82,7 @@ def test_demo_and_its_preset_build_the_same_commands(tmp_path):
     assert f"--max-update {grid.presets[experiment.preset].lm.updates}" in train and "--quant-noise-pq 0.1 --quant-noise-pq-centroids 16" in train
     assert "--lr-scheduler polynomial_decay" in train and "--patience 2" in train  # the preset's schedule, not a demo-only one
     ipq = [line for line in commands[0] if "--task ipq_language_modeling" in line][0]
-    assert "qn_transformer_lm_demo_x50.yaml" in ipq and "checkpoint_best.pt" in ipq
+    assert "qn_transformer_lm_demo_x50_out.yaml" in ipq and "checkpoint_best.pt" in ipq
 
 
 def test_demo_script_end_to_end_on_the_smoke_preset(tiny_data, tmp_path):

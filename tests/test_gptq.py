@@ -1,9 +1,11 @@
-"""Scalar codes by error feedback (gptq.py) and `quant-noise pack --scalar-method gptq`."""
+"""Codes by error feedback (gptq.py): scalar ones and `quant-noise pack --scalar-method gptq`; PQ ones (objective: output)."""
 import pytest
 import torch
 
 from conftest import PLUGIN, eval_lm_ppl, run
-from quant_noise_plugin.gptq import output_error, quantize_with_error_feedback
+from quant_noise_plugin.gptq import (assign_codes_with_error_feedback, fit_centroids_to_output, output_error, quantize_pq_to_output,
+                                     quantize_with_error_feedback)
+from quant_noise_plugin.kmeans import assign, kmeans
 from quant_noise_plugin.scalar import dequantize, quantize
 
 
@@ -44,6 +46,60 @@ def test_inputs_no_batch_reached_are_rounded_and_shapes_are_checked():
         quantize_with_error_feedback(weight, torch.eye(8), 4)
 
 
+
+def _pq_layer(rows=48, cols=96, block=8, k=16):
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1)) * 0.1
+    fitted = kmeans(weight.reshape(-1, block), k, seed=0, backend="torch")
+    return weight, fitted.centroids, fitted.assignments
+
+
+def test_pq_codes_by_error_feedback_lower_the_output_error_with_the_same_centroids():
+    weight, centroids, _ = _pq_layer()
+    hessian = _correlated_inputs()
+    # the best a block can do alone: the nearest centroid weighted by its inputs' second moments
+    alone, _ = assign(weight.reshape(-1, 8), centroids, importance=torch.diagonal(hessian).expand(weight.shape).reshape(-1, 8))
+    codes = assign_codes_with_error_feedback(weight, hessian, centroids)
+    assert codes.shape == alone.shape and int(codes.max()) < 16
+    ours = output_error(weight, centroids[codes].reshape(weight.shape), hessian)
+    theirs = output_error(weight, centroids[alone].reshape(weight.shape), hessian)
+    assert ours < 0.95 * theirs, (ours, theirs)  # 0.50 against 0.55 here
+
+
+def test_pq_error_feedback_with_uncorrelated_inputs_is_the_weighted_nearest_centroid():
+    """A diagonal H: no later column can compensate, and a block's metric is its inputs' (damped) second moments."""
+    weight, centroids, _ = _pq_layer()
+    moments = torch.rand(96, generator=torch.Generator().manual_seed(3)) + 0.5
+    codes = assign_codes_with_error_feedback(weight, torch.diag(moments), centroids, damping=0.0)
+    nearest, _ = assign(weight.reshape(-1, 8), centroids, importance=moments.expand(weight.shape).reshape(-1, 8))
+    assert torch.equal(codes, nearest)
+    with pytest.raises(ValueError, match="block size 7 does not divide"):
+        assign_codes_with_error_feedback(weight, torch.eye(96), centroids[:, :7])
+
+
+def test_least_squares_centroids_zero_the_output_error_gradient():
+    weight, centroids, codes = _pq_layer()
+    hessian = _correlated_inputs().float()
+    rows = torch.rand(48, generator=torch.Generator().manual_seed(4)) + 0.1
+    unused = int(torch.bincount(codes, minlength=17).argmin())  # give a 17th centroid no block
+    start = torch.cat([centroids, torch.full((1, 8), 0.5)])
+    fitted = fit_centroids_to_output(weight, hessian, codes, start, row_weights=rows, damping=1e-9)
+    assert unused == 16 and torch.allclose(fitted[16], start[16], atol=1e-4)  # the ridge keeps it where it was
+    c = fitted.double().requires_grad_(True)
+    diff = weight.double() - c[codes].reshape(weight.shape)
+    loss = (rows.double().unsqueeze(1) * (diff @ hessian.double()) * diff).sum()
+    (grad,) = torch.autograd.grad(loss, c)
+    assert grad.abs().max() < 1e-6 * loss.item()
+    assert output_error(weight, fitted[codes].reshape(weight.shape), hessian) < output_error(weight, centroids[codes].reshape(weight.shape), hessian)
+
+
+def test_output_objective_beats_its_kmeans_start():
+    weight, centroids, codes = _pq_layer()
+    hessian = _correlated_inputs()
+    fitted, fitted_codes = quantize_pq_to_output(weight, hessian, centroids)
+    ours = output_error(weight, fitted[fitted_codes].reshape(weight.shape), hessian)
+    assert ours < 0.9 * output_error(weight, centroids[codes].reshape(weight.shape), hessian)  # 0.47 against 0.55
+
+
 def test_pack_with_error_feedback_beats_round_to_nearest_at_int2(dense_lm, lm_data, tmp_path):
     rtn, gptq = tmp_path / "rtn.pt", tmp_path / "gptq.pt"
     run(["quant-noise", "pack", dense_lm, rtn, "--scalar-bits", "2"])
@@ -63,3 +119,15 @@ def test_pack_with_error_feedback_beats_round_to_nearest_at_int2(dense_lm, lm_da
     result = run(["quant-noise", "pack", dense_lm, tmp_path / "x.pt", "--scalar-bits", "2", "--scalar-method", "gptq"], check=False)
     assert result.returncode == 2 and "--scalar-method gptq needs --scalar-bits N and --calibrate DATA_DIR" in result.output
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_output_objective_keeps_kmeans_centroids_above_the_refit_limit(monkeypatch):
+    """A codebook too large for the least-squares system (K=1024 x 8 takes minutes and GBs) gets its codes by error
+    feedback and keeps k-means' centroids."""
+    import quant_noise_plugin.gptq as gptq
+
+    weight, centroids, _ = _pq_layer()
+    hessian = _correlated_inputs()
+    monkeypatch.setattr(gptq, "REFIT_UNKNOWNS", centroids.numel() - 1)
+    fitted, codes = quantize_pq_to_output(weight, hessian, centroids)
+    assert torch.equal(fitted, centroids) and torch.equal(codes, assign_codes_with_error_feedback(weight, hessian, centroids))

@@ -68,7 +68,7 @@ def test_embeddings_first_schedule_puts_the_tied_embedding_first_with_more_centr
         ("stages: []\n", "the schedule has no stage"),
         ("stages:\n  - {name: a, layers: 'x', updates: 1, block_size: {Conv2d: 4}}\n", "key block_size.Conv2d"),
         ("stages:\n  - {name: a, layers: '(', updates: 1}\n", "invalid regex"),
-        ("objective: outputs\nstages:\n  - {name: a, layers: 'x', updates: 1}\n", "key objective: 'outputs' (use weights or activations)"),
+        ("objective: outputs\nstages:\n  - {name: a, layers: 'x', updates: 1}\n", "key objective: 'outputs' (use weights, activations, output)"),
         ("stages:\n  - {name: a, layers: 'x', updates: 1, objective: hessian}\n", "stage 0 (a): key objective: 'hessian'"),
         ("stages:\n  - {name: a, layers: 'x', updates: 4, reassign_every: -1}\n", "stage 0 (a): key reassign_every: must be >= 0"),
         ("stages:\n  - {name: a, layers: 'x', updates: 4, reassign_every: 4}\n", "below the stage's 4 updates, got 4"),

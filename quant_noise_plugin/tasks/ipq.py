@@ -181,23 +181,34 @@ class IPQTaskMixin:
 
     # -- training -------------------------------------------------------------------------------
 
-    def _importance(self, model, criterion, plans) -> dict:
-        """Per-weight error weights of the plans whose objective is the output's, from calibration batches run
-        through the model as it is now (earlier stages quantized and finetuned): the same for a resumed run."""
-        plans = [p for p in plans if p.objective == "activations"]
+    def _calibration(self, model, criterion, plans) -> dict:
+        """What the plans whose objective reads data fit with (weight name -> keyword arguments of fit_pq), from
+        calibration batches run through the model as it is now (earlier stages quantized and finetuned): the same
+        for a resumed run. ``activations``: per-weight error weights; ``output``: also the inputs' full second
+        moments and the rows' weights (a weight no Linear uses keeps the activations objective)."""
+        plans = [p for p in plans if p.objective in ("activations", "output")]
         if not plans:
             return {}
         if self.ipq_cfg.ipq_calibration_batches <= 0:
-            raise ScheduleError(f"--ipq-calibration-batches {self.ipq_cfg.ipq_calibration_batches}: 'objective: activations' needs at least 1")
+            raise ScheduleError(f"--ipq-calibration-batches {self.ipq_cfg.ipq_calibration_batches}: 'objective: {plans[0].objective}' needs at least 1")
         from fairseq import utils
 
         batches = training_batches(self, model, self.ipq_cfg.ipq_calibration_batches)
         if next(model.parameters()).is_cuda:
             batches = [utils.move_to_cuda(b) for b in batches]
         start = time.perf_counter()
-        moments = collect_input_moments(model, {p.name: p.names for p in plans}, batches, lambda sample: criterion(model, sample))
+        full = any(p.objective == "output" for p in plans)
+        moments = collect_input_moments(model, {p.name: p.names for p in plans}, batches, lambda sample: criterion(model, sample), full=full)
         logger.info("ipq calibration: input statistics of %d weights over %d training batches, %.1f s", len(plans), len(batches), time.perf_counter() - start)
-        return {name: m.importance() for name, m in moments.items()}
+        fits = {}
+        for plan in plans:
+            stats = moments[plan.name]
+            fits[plan.name] = {"importance": stats.importance()}
+            if plan.objective == "output" and stats.input_outer is not None and stats.n_inputs and len(plan.shape) == 2:
+                fits[plan.name].update(hessian=stats.output_hessian(), row_weights=stats.row_weights())
+            elif plan.objective == "output":
+                logger.info("ipq: %s has no Linear use that saw calibration inputs: its k-means keeps the activations objective", plan.name)
+        return fits
 
     def _advance_schedule(self, model, update_num: int, criterion=None) -> None:
         inner = unwrapped(model)
@@ -211,10 +222,10 @@ class IPQTaskMixin:
             if self.ipq_cfg.ipq_distill_weight > 0 and self.teacher is None:
                 self.teacher = self._build_teacher(inner)
             start = time.perf_counter()
-            importance = self._importance(inner, criterion, todo)
+            fits = self._calibration(inner, criterion, todo)
             for plan in todo:
                 objective = fit_pq(inner, plan, self.ipq_schedule.kmeans_iterations, self.ipq_schedule.seed, self.ipq_cfg.ipq_kmeans_backend,
-                                   importance.get(plan.name))
+                                   **fits.get(plan.name, {}))
                 logger.info("ipq stage %s: %s %s -> %d x %d centroids, k-means objective (%s) %.4g", stage.name, plan.name, plan.shape,
                             plan.n_centroids, plan.block_size, plan.objective, objective)
             seconds = time.perf_counter() - start
@@ -240,9 +251,9 @@ class IPQTaskMixin:
             if not every or not 0 < offset < stage.updates or offset % every:
                 continue
             start = time.perf_counter()
-            importance = self._importance(inner, criterion, stage.layers)
+            fits = self._calibration(inner, criterion, stage.layers)
             for plan in stage.layers:
-                moved, before, after = reassign_pq(inner, plan, importance.get(plan.name))
+                moved, before, after = reassign_pq(inner, plan, fits.get(plan.name, {}).get("importance"))
                 logger.info("ipq stage %s: %s codes reassigned at update %d: %.2f%% of blocks moved, %s error %.4g -> %.4g",
                             stage.name, plan.name, update_num, 100 * moved, plan.objective, before, after)
             logger.info("ipq stage %d (%s): codes of %d weights reassigned at update %d, %.1f s", stage.index, stage.name,

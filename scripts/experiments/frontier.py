@@ -46,7 +46,9 @@ METRICS = {"lm": Metric(CELL_METRICS["lm"], YLABELS["lm"], False, "The LM's size
 FRONTIER_TASKS = tuple(METRICS)
 FIELDS = ("preset", "recipe", "point", "ratio", "bytes", "seed", "valid_ppl", "test_ppl")  # the LM's; the encoder's: *_acc
 PROVENANCE = ("command", "commit", "device")  # kept beside the fields: what computed the record
-NO_NOISE, QAT = ("none", "none_long", "none_drop0"), ("qat_int4", "qat_int4_long", "qat_int4_drop0")  # the baselines: budgets, dropout
+# the baselines, with their budgets, dropout, learning rates and finetuned twins: a noise recipe beats them all or none
+NO_NOISE = ("none", "none_long", "none_drop0", "none_lr3e-3", "none_lr1e-2", "ft_none")
+QAT = ("qat_int4", "qat_int4_long", "qat_int4_drop0")
 BASELINES = NO_NOISE + QAT  # a noise recipe must beat a no-noise one and a QAT one at the same point
 SMALL = "small_d"  # rows of smaller dense models (small_d<width>[_lr...]): the buy a user would make instead of compressing
 SMALL_LINE = "small dense (best at each size)"
@@ -163,10 +165,13 @@ def render_panel(records: List[dict], preset: str, doc: str, metric: Metric = ME
              f"Test {metric.key}: mean over seeds (each seed) [mean valid {metric.key}]; size: mean bytes on disk, ratio to fp32.", "",
              "| point | size | ratio | " + " | ".join(f"`{n}`" for n in recipes) + " | reading |",
              "|---|---:|---:|" + "---|" * len(recipes) + "---|"]
+    dense = [r["bytes"] for rr in points.get("fp32", {}).values() for r in rr]
     for point in order:
         by = points[point]
         every = [r for rr in by.values() for r in rr]
         ratios = [r["ratio"] for r in every if r["ratio"]]
+        if not ratios and dense:  # recipes that share another's training (distillation in iPQ only): the panel's fp32
+            ratios = [statistics.mean(dense) / r["bytes"] for r in every]
         ratio = f"x{statistics.mean(ratios):.1f}" if ratios else "-"
         size = f"{statistics.mean(r['bytes'] for r in every) / 1e6:.3f} MB"
         cells = [(_cell(by[n], metric) if n in by else "-") for n in recipes]
