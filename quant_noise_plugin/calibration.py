@@ -46,10 +46,13 @@ class InputMoments:
             raise ValueError("no calibration input reached this weight's Linear use")
         return (self.input_outer / self.n_inputs).float()
 
-    def output_hessian(self) -> torch.Tensor:
+    def output_hessian(self) -> Optional[torch.Tensor]:
         """The column metric of the ``output`` objective (gptq.quantize_pq_to_output): E[x x^T] of the Linear uses; a
         weight also looked up (tied) mixes it, normalized to mean diagonal 1, half and half with the lookup's identity,
-        as ``importance`` mixes their diagonals."""
+        as ``importance`` mixes their diagonals. None without full moments (``full``) from a Linear use: the objective
+        then keeps the activations fit."""
+        if self.input_outer is None or not self.n_inputs:
+            return None
         h = self.hessian()
         if self.row_counts is not None:
             h = 0.5 * (torch.eye(h.shape[0]) + h / torch.diagonal(h).mean().clamp_min(1e-30))

@@ -209,7 +209,7 @@ def _objective_errors(state, model, task, args, schedule, plans) -> dict:
         stats = moments[plan.name]
         weight = model.get_submodule(plan.name).weight.detach().float()
         importance = stats.importance().expand(weight.shape)
-        hessian = stats.output_hessian() if stats.input_outer is not None and stats.n_inputs and weight.dim() == 2 else None
+        hessian = stats.output_hessian()
         row = []
         for fit in ({}, {"importance": importance}, {"importance": importance, "hessian": hessian, "row_weights": stats.row_weights()}):
             codebook = PQCodebook(weight.shape, plan.block_size, plan.n_centroids)

@@ -131,23 +131,23 @@ def fit_centroids_to_output(weight: Tensor, hessian: Tensor, codes: Tensor, cent
 
 @torch.no_grad()
 def quantize_pq_to_output(weight: Tensor, hessian: Tensor, centroids: Tensor, rounds: int = 2,
-                          row_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                          row_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, float]:
     """Codes by error feedback and centroids by least squares on the output error, alternated ``rounds`` times
-    from k-means' ``centroids``; returns (centroids, codes). Each step lowers its own objective; the pair is kept
-    only while the output error falls. Above REFIT_UNKNOWNS centroid coordinates the system is too large for a few
-    seconds (K=1024 x 8: minutes, GBs): the codes alone, once."""
-    best = (centroids.detach().float(), None, float("inf"))
-    current = best[0]
+    from k-means' ``centroids``; returns (centroids, codes, relative output error). Each step lowers its own
+    objective; the pair is kept only while the output error falls. Above REFIT_UNKNOWNS centroid coordinates the
+    system is too large for a few seconds (K=1024 x 8: minutes, GBs): the codes alone, once."""
+    current = centroids.detach().float()
     refit = centroids.numel() <= REFIT_UNKNOWNS
+    best = None
     for _ in range(rounds if refit else 1):
         codes = assign_codes_with_error_feedback(weight, hessian, current)
         if refit:
             current = fit_centroids_to_output(weight, hessian, codes, current, row_weights)
         error = output_error(weight, current[codes].reshape(weight.shape), hessian)
-        if error >= best[2]:
+        if best is not None and error >= best[2]:
             break
         best = (current, codes, error)
-    return best[0], best[1]
+    return best
 
 
 def output_error(weight: Tensor, approx: Tensor, hessian: Tensor, row_weights: Optional[Tensor] = None) -> float:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .bitpack import bits_for, pack_bits, smallest_int_dtype, unpack_bits
-from .gptq import output_error, quantize_pq_to_output
+from .gptq import quantize_pq_to_output
 from .kmeans import assign, kmeans
 from .scalar import dequantize, quantize
 
@@ -87,10 +87,7 @@ class PQCodebook(nn.Module):
         centroids, codes, objective = result.centroids, result.assignments, result.objective
         if hessian is not None:
             w = weight.detach().float().reshape(self.shape[0], -1)
-            refined, refined_codes = quantize_pq_to_output(w, hessian.to(w.device), centroids, row_weights=row_weights)
-            if refined_codes is not None:
-                centroids, codes = refined, refined_codes
-            objective = output_error(w, centroids[codes].reshape(w.shape), hessian.to(w.device))
+            centroids, codes, objective = quantize_pq_to_output(w, hessian.to(w.device), centroids, row_weights=row_weights)
         self.centroids.copy_(centroids)
         self.codes.copy_(codes.to(self.codes.dtype))
         self.fitted.fill_(True)

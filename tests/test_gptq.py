@@ -95,8 +95,9 @@ def test_least_squares_centroids_zero_the_output_error_gradient():
 def test_output_objective_beats_its_kmeans_start():
     weight, centroids, codes = _pq_layer()
     hessian = _correlated_inputs()
-    fitted, fitted_codes = quantize_pq_to_output(weight, hessian, centroids)
+    fitted, fitted_codes, reported = quantize_pq_to_output(weight, hessian, centroids)
     ours = output_error(weight, fitted[fitted_codes].reshape(weight.shape), hessian)
+    assert reported == pytest.approx(ours, rel=1e-12)  # the error it returns is the pair's own
     assert ours < 0.9 * output_error(weight, centroids[codes].reshape(weight.shape), hessian)  # 0.47 against 0.55
 
 
@@ -129,5 +130,5 @@ def test_output_objective_keeps_kmeans_centroids_above_the_refit_limit(monkeypat
     weight, centroids, _ = _pq_layer()
     hessian = _correlated_inputs()
     monkeypatch.setattr(gptq, "REFIT_UNKNOWNS", centroids.numel() - 1)
-    fitted, codes = quantize_pq_to_output(weight, hessian, centroids)
+    fitted, codes, _ = quantize_pq_to_output(weight, hessian, centroids)
     assert torch.equal(fitted, centroids) and torch.equal(codes, assign_codes_with_error_feedback(weight, hessian, centroids))

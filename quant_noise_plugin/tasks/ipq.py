@@ -204,8 +204,9 @@ class IPQTaskMixin:
         for plan in plans:
             stats = moments[plan.name]
             fits[plan.name] = {"importance": stats.importance()}
-            if plan.objective == "output" and stats.input_outer is not None and stats.n_inputs and len(plan.shape) == 2:
-                fits[plan.name].update(hessian=stats.output_hessian(), row_weights=stats.row_weights())
+            hessian = stats.output_hessian() if plan.objective == "output" else None
+            if hessian is not None:
+                fits[plan.name].update(hessian=hessian, row_weights=stats.row_weights())
             elif plan.objective == "output":
                 logger.info("ipq: %s has no Linear use that saw calibration inputs: its k-means keeps the activations objective", plan.name)
         return fits
