@@ -443,7 +443,7 @@ def flag_cases(f: dict) -> List[Case]:
     work = f["work"] / "flags"
     work.mkdir(exist_ok=True)
     train = ["fairseq-train", f["lm_data"], "--task", "language_modeling", "--tokens-per-sample", "64", *TRAIN, *TINY_LM, "--max-update", "1", "--no-save",
-             "--disable-validation", "--save-dir", work / "run"]
+             "--disable-validation"]  # each case its own --save-dir: fairseq writes and deletes save_dir/dummy, cases run in parallel
     bad = [("--quant-noise-pq", v) for v in ("-0.1", "1.5", "nan")] + [("--quant-noise-scalar", v) for v in ("-1", "2")] + \
           [("--quant-noise-scalar-bits", v) for v in ("0", "1", "9", "33")] + [("--quant-noise-pq-block-size", v) for v in ("0", "-8", "3")] + \
           [("--quant-noise-pq-embeddings", v) for v in ("-0.5", "1.01")] + [("--quant-noise-pq-centroids", v) for v in ("-1", "-256")] + \
@@ -454,12 +454,12 @@ def flag_cases(f: dict) -> List[Case]:
     cases = []
     for flag, value in bad:
         extra = ["--quant-noise-pq", "0.1"] if flag in needs_pq else (["--quant-noise-scalar", "0.5"] if flag == "--quant-noise-scalar-bits" else [])
-        cases.append(Case("flags:train", f"{flag} {value}", [*train, *extra, flag, value], "error", flag))
-    ipq = [*f["ipq_cmd"], "--save-dir", work / "ipq", "--no-save", "--disable-validation"]
+        cases.append(Case("flags:train", f"{flag} {value}", [*train, "--save-dir", work / f"run{len(cases)}", *extra, flag, value], "error", flag))
+    ipq = [*f["ipq_cmd"], "--no-save", "--disable-validation"]
     for flag, value in [("--ipq-calibration-batches", "0"), ("--ipq-calibration-batches", "-2"), ("--ipq-distill-weight", "-1"),
                         ("--ipq-kmeans-backend", "sklearn"), ("--ipq-distill-teacher", str(work / "missing.pt")),
                         ("--ipq-config", str(work / "missing.yaml"))]:
-        argv = list(ipq)
+        argv = [*ipq, "--save-dir", work / f"ipq{len(cases)}"]
         if flag == "--ipq-config":
             argv[argv.index("--ipq-config") + 1] = value
         else:
