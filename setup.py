@@ -18,10 +18,11 @@ setup(
         "faiss-cpu",
         "sacrebleu>=2.0",
         "sentencepiece",
+        "numba>=0.59,<0.62",  # the lookup-table kernel of PQ layers computing from their codes (lut.py); 0.61.2 measured
         "numpy<2",  # fairseq-fixed still calls np.compat.long (token_block_dataset: the hub's score/sample), removed in NumPy 2.0
     ],
     # baselines: benchmarks/cls_baselines.py (the classifier table's bag-of-words baseline); fairseq-fixed
     # happens to pull scikit-learn in today, declared here so the baseline does not depend on that
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"], "baselines": ["scikit-learn", "scipy"]},
+    extras_require={"test": ["pytest", "pytest-xdist"], "plot": ["matplotlib"], "baselines": ["scikit-learn", "scipy"]},
     entry_points={"console_scripts": ["quant-noise=quant_noise_plugin.cli:main"]},
 )

@@ -124,29 +124,34 @@ def cmd_inspect(args) -> int:
     import torch
 
     from .checkpoints import read_checkpoint
+    from .codes_weight import INFERENCE_SWITCH, inference_mode
     from .decoded import LOW_MEMORY_SWITCH, low_memory
-    from .inference import compute_report
+    from .inference import compute_report, held_tensor_bytes
     from .int8_linear import KERNEL_SWITCH, kernel_support, kernel_switch
 
     state = read_checkpoint(args.checkpoint)
     model, _ = _load_model(state, args.checkpoint, args.data)
-    rows = compute_report(model)
+    model.eval()
+    with torch.no_grad():
+        rows = compute_report(model)
     support = kernel_support()
     machine = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                "int8_activation_bits": support.activation_bits, "int8_kernel": support.reason,
-               KERNEL_SWITCH: kernel_switch(), LOW_MEMORY_SWITCH: int(low_memory())}
+               KERNEL_SWITCH: kernel_switch(), LOW_MEMORY_SWITCH: int(low_memory()), INFERENCE_SWITCH: inference_mode(),
+               "model_tensor_bytes_at_load": held_tensor_bytes(model)}
     if args.json:
         json.dump({"machine": machine, "layers": rows}, sys.stdout, indent=1)
         print()
         return 0
     print(f"this machine: {machine['cpu_capability']}, {machine['threads']} threads; int8 kernel: "
           + (f"{support.activation_bits}-bit activations ({support.reason})" if support.activation_bits else f"none ({support.reason})"))
-    print(f"{KERNEL_SWITCH}={machine[KERNEL_SWITCH]}, {LOW_MEMORY_SWITCH}={machine[LOW_MEMORY_SWITCH]}")
-    header = f"{'layer':44s} {'weight':>18s} {'input':>6s} {'compute':>22s}  why"
+    print(f"{KERNEL_SWITCH}={machine[KERNEL_SWITCH]}, {LOW_MEMORY_SWITCH}={machine[LOW_MEMORY_SWITCH]}, "
+          f"{INFERENCE_SWITCH}={machine[INFERENCE_SWITCH]}; model tensors at load: {machine['model_tensor_bytes_at_load'] / 1e6:.3f} MB")
+    header = f"{'layer':44s} {'weight':>18s} {'input':>6s} {'compute':>24s}  why"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['layer'][:44]:44s} {r['weight']:>18s} {r['input']:>6s} {r['compute']:>22s}  {r['why']}")
+        print(f"{r['layer'][:44]:44s} {r['weight']:>18s} {r['input']:>6s} {r['compute']:>24s}  {r['why']}")
     return 0
 
 
@@ -449,6 +454,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("fairseq").setLevel(logging.NOTSET if args.verbose else logging.WARNING)
     for own in ("quant_noise", "quant_noise_plugin"):
         logging.getLogger(own).setLevel(logging.WARNING if quiet else logging.INFO)
+    # the load lines say how a model will compute: that is inspect's output, and noise for the tools that only read
+    # and write files; those also skip measuring lookup-table speeds at load (the numbers are the same either way)
+    logging.getLogger("quant_noise_plugin.inference").setLevel(logging.INFO if args.verbose and not quiet else logging.WARNING)
+    if args.command != "inspect":
+        from .codes_weight import INFERENCE_SWITCH
+
+        os.environ.setdefault(INFERENCE_SWITCH, "decoded")
     from .checkpoints import CheckpointError
     from .schedule import ScheduleError
 

@@ -19,6 +19,9 @@ from .kmeans import assign, kmeans
 from .scalar import dequantize, quantize
 
 
+COMPACT_CODES = "codes_bitstream"  # the codes bit-packed in memory (PQCodebook.compact), never saved
+
+
 class _GatherWithMeanGrad(torch.autograd.Function):
     """centroids[codes] whose backward averages (not sums) the gradients of each centroid's blocks.
 
@@ -66,7 +69,39 @@ class PQCodebook(nn.Module):
 
     @property
     def n_blocks(self) -> int:
-        return self.codes.numel()
+        return math.prod(self.shape) // self.block_size
+
+    @torch.no_grad()
+    def compact(self) -> None:
+        """Keep the codes bit-packed in memory, as in a packed file (inference from the codes, QUANT_NOISE_INFERENCE=codes:
+        4-bit codes take half their uint8 buffer). ``codes`` still reads as the codes (unpacked for that use), a state
+        dict still holds them, and fitting or loading expands them again. 8- and 16-bit codes are already that size."""
+        if self.code_bits % 8 == 0 or COMPACT_CODES in self._buffers:
+            return
+        stream = pack_bits(self._buffers["codes"], self.code_bits)
+        self.register_buffer(COMPACT_CODES, torch.cat([stream, stream.new_zeros(2)]), persistent=False)  # 2 bytes: 24-bit reads
+        del self._buffers["codes"]
+
+    @property
+    def compacted(self) -> bool:
+        return COMPACT_CODES in self._buffers
+
+    def _expand(self) -> None:
+        if self.compacted:
+            codes = self.codes
+            del self._buffers[COMPACT_CODES]
+            self.register_buffer("codes", codes)
+
+    def __getattr__(self, name: str):
+        if name == "codes" and COMPACT_CODES in self.__dict__.get("_buffers", {}):
+            stream = self._buffers[COMPACT_CODES]
+            return unpack_bits(stream, self.code_bits, self.n_blocks).to(smallest_int_dtype(self.n_centroids))
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.compacted:
+            destination[prefix + "codes"] = self.codes
 
     def blocks_of(self, weight: Tensor) -> Tensor:
         return weight.detach().reshape(-1, self.block_size)
@@ -81,6 +116,7 @@ class PQCodebook(nn.Module):
         ``hessian`` (the input second moments of a 2-D weight's Linear use, (cols, cols)): the k-means then only
         starts the centroids; codes by error feedback and centroids by least squares on the output error follow
         (gptq.quantize_pq_to_output, with ``row_weights`` per row), and the relative output error is returned."""
+        self._expand()
         blocks = None if importance is None else self.blocks_of(importance.expand(weight.shape))
         result = kmeans(self.blocks_of(weight).float(), self.n_centroids, n_iter=n_iter, seed=seed, backend=backend,
                         importance=blocks)
@@ -108,6 +144,7 @@ class PQCodebook(nn.Module):
         Returns (fraction of blocks whose code changed, weighted error before, after)."""
         if "target" not in self._buffers:
             raise RuntimeError("reassign needs keep_target() before fit()")
+        self._expand()
         points = self.blocks_of(self.target).float()
         weights = None if importance is None else self.blocks_of(importance.expand(self.shape)).float()
         centroids = self.centroids.detach().float()
@@ -147,6 +184,7 @@ class PQCodebook(nn.Module):
         A dense checkpoint has no codebook keys at all (e.g. the trained model an iPQ run starts
         from): the codebook then stays as it is, not fitted yet.
         """
+        self._expand()
         if prefix + "codes_packed" in state_dict:
             packed = state_dict.pop(prefix + "codes_packed")
             state_dict[prefix + "codes"] = unpack_bits(packed, self.code_bits, self.codes.numel()).to(self.codes.dtype)

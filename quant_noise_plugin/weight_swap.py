@@ -74,19 +74,19 @@ def add_input_fn(module: nn.Module, fn: InputFn) -> None:
     module.__dict__[_INPUT_FNS].append(fn)
 
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _ATTENTION_HOOKED = "_qn_attention_hooked"
 
 
 def _attention_pre_hook(attention: nn.Module, args) -> None:
-    for name in _PROJECTIONS:
+    for name in PROJECTIONS:
         projection = getattr(attention, name)
         if _FNS in projection.__dict__:
             _pre_hook(projection, args)
 
 
 def _attention_post_hook(attention: nn.Module, args, output) -> None:
-    for name in _PROJECTIONS:
+    for name in PROJECTIONS:
         getattr(attention, name).__dict__.pop("weight", None)
 
 
@@ -101,7 +101,7 @@ def materialize_attention_weights(model: nn.Module) -> int:
     """
     hooked = 0
     for module in model.modules():
-        projections = [getattr(module, n, None) for n in _PROJECTIONS]
+        projections = [getattr(module, n, None) for n in PROJECTIONS]
         if any(not isinstance(p, nn.Module) for p in projections) or module.__dict__.get(_ATTENTION_HOOKED):
             continue
         if any(_FNS in p.__dict__ for p in projections):
@@ -124,7 +124,21 @@ def route_attention_through_projections(model: nn.Module, names: Sequence[str]) 
     for name, module in model.named_modules():
         if not hasattr(module, "skip_embed_dim_check"):
             continue
-        if any(f"{name}.{p}".lstrip(".") in listed for p in _PROJECTIONS):
+        if any(f"{name}.{p}".lstrip(".") in listed for p in PROJECTIONS):
+            if not module.skip_embed_dim_check:
+                module.__dict__[ROUTED] = True  # ours to undo (fuse_attention_again), not the model's own setting
             module.skip_embed_dim_check = True
             switched += 1
     return switched
+
+
+ROUTED = "_qn_routed_through_projections"
+
+
+def fuse_attention_again(attention: nn.Module) -> bool:
+    """Undo ``route_attention_through_projections`` for one attention module (when nothing acts on its projections'
+    inputs after all); a module that took the unfused path by its own configuration keeps it."""
+    if not attention.__dict__.pop(ROUTED, False):
+        return False
+    attention.skip_embed_dim_check = False
+    return True

@@ -1,6 +1,10 @@
 """Shared fixtures: a tiny real-text slice (KJV / RV1909) made once per session, and CLI helpers."""
+import os
 import subprocess
 import sys
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers (pytest.ini) on two cores: one thread each, for them and their CLIs
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import pytest

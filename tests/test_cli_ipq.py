@@ -116,6 +116,8 @@ def test_unpack_gives_a_checkpoint_stock_fairseq_loads_with_the_same_logits(ipq,
     save, _ = ipq
     dense = tmp_path / "dense.pt"
     run(["quant-noise", "unpack", save / "checkpoint_last.pt", dense])
+    task = torch.load(dense, weights_only=True)["cfg"]["task"]
+    assert task["_name"] == "language_modeling" and not [k for k in task if k.startswith("ipq_")]  # a stock task config
     run([sys.executable, "-c", LOGITS, save / "checkpoint_last.pt", lm_data, "plugin", tmp_path / "a.pt"])
     run([sys.executable, "-c", LOGITS, dense, lm_data, "stock", tmp_path / "b.pt"])  # no plugin imported
     assert torch.allclose(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"), atol=1e-4)

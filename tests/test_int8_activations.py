@@ -259,10 +259,11 @@ def test_inspect_names_what_computes_each_layer_here(w8a8):
     out = run(["quant-noise", "inspect", path]).output
     assert "this machine: " in out and "int8 kernel: " in out
     rows = [line for line in out.splitlines() if line.startswith("decoder.")]
-    assert len(rows) == 14  # the embedding (float input, decoded once) and 13 int8-input Linears
-    assert sum(" int8 " in row for row in rows) == 13 and "decoded once" in rows[0]
+    assert len(rows) == 14  # the embedding (float input, the rows it looks up decoded from its codes) and 13 int8-input Linears
+    assert sum(" int8 " in row for row in rows) == 13 and "rows from codes" in rows[0] and "only the rows looked up" in rows[0]
     assert all(("oneDNN int8" in row or " float " in row) and "measured x" in row for row in rows[1:])
     off = run(["quant-noise", "inspect", path, "--json"], env={**os.environ, "QUANT_NOISE_INT8_KERNELS": "0"}).output
     report = json.loads(off[off.index("{"):])
     assert {r["compute"] for r in report["layers"] if r["input"] == "int8"} == {"fake-quant reference"}
     assert report["machine"]["cpu_capability"] and report["machine"]["QUANT_NOISE_INT8_KERNELS"] == "0"
+    assert report["machine"]["QUANT_NOISE_INFERENCE"] == "auto" and report["machine"]["model_tensor_bytes_at_load"] > 0
