@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 
 from . import lut
 from .bitpack import bits_for, pack_bits, smallest_int_dtype
-from .int8_linear import MIN_SPEEDUP, _best_time
+from .int8_linear import MIN_SPEEDUP, best_time
 
 INFERENCE_SWITCH = "QUANT_NOISE_INFERENCE"
 MODES = ("auto", "codes", "decoded")
@@ -73,7 +73,7 @@ def measured_lut_rows(out_features: int, in_features: int, block_size: int, n_ce
             times = {tables: float("inf"), dense: float("inf")}
             for _ in range(3):  # interleaved single calls, best of: a big layer's decode is ~100 ms
                 for fn in times:
-                    times[fn] = min(times[fn], _best_time(fn, repeat=1, calls=1))
+                    times[fn] = min(times[fn], best_time(fn, repeat=1, calls=1))
             if times[dense] < margin * times[tables]:
                 break
             best_rows = rows

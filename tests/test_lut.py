@@ -182,11 +182,11 @@ def test_the_measurement_keeps_the_rows_up_to_the_first_loss(monkeypatch):
             return 0.1 if rows == 16 else rows / 4
         return 1.0
 
-    monkeypatch.setattr(codes_weight, "_best_time", fake_time)
+    monkeypatch.setattr(codes_weight, "best_time", fake_time)
     measure = codes_weight.measured_lut_rows.__wrapped__
     assert measure(64, 32, 8, 16, "decode") == 4  # 1, 2, 4 win (4: a tie counts), 8 loses: 16 is never tried
     assert measure(64, 32, 8, 16, "decoded") == 2  # with the margin, 4 rows no longer win
-    monkeypatch.setattr(codes_weight, "_best_time", lambda fn, repeat, calls: 2.0 if isinstance(fn, functools.partial) else 1.0)
+    monkeypatch.setattr(codes_weight, "best_time", lambda fn, repeat, calls: 2.0 if isinstance(fn, functools.partial) else 1.0)
     assert measure(64, 32, 8, 16, "decode") == 0
 
 
