@@ -25,11 +25,11 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from . import lut
 from .bitpack import bits_for, pack_bits, smallest_int_dtype
 from .int8_linear import MIN_SPEEDUP, best_time
+from .weight_swap import ComputedWeight
 
 INFERENCE_SWITCH = "QUANT_NOISE_INFERENCE"
 MODES = ("auto", "codes", "decoded")
@@ -80,7 +80,7 @@ def measured_lut_rows(out_features: int, in_features: int, block_size: int, n_ce
     return best_rows
 
 
-class PQCodesWeight(Tensor):
+class PQCodesWeight(ComputedWeight):
     """A PQ weight as centroids and codes, computing F.linear / F.embedding from them; see the module docstring."""
 
     @staticmethod
@@ -98,8 +98,11 @@ class PQCodesWeight(Tensor):
         self.centroids = centroids
         self.codes = codes if isinstance(codes, lut.BitCodes) else codes.view(shape[0], -1)
         self._lut_rows = lut_rows
-        self.float_weight = float_weight
+        self._float_weight = float_weight
         self.why = why
+
+    def float_value(self) -> Tensor:
+        return self._float_weight()
 
     @property
     def lut_rows(self) -> int:
@@ -111,31 +114,14 @@ class PQCodesWeight(Tensor):
         rows = x.numel() // max(1, x.shape[-1])
         if rows <= self.lut_rows and x.device == self.centroids.device:
             return lut.lut_linear(x, self.centroids, self.codes, bias)
-        return F.linear(x, self.float_weight().to(x.dtype), bias)
+        return F.linear(x, self.float_value().to(x.dtype), bias)
+
+    computes_embedding = True
 
     def embedding(self, indices: Tensor, max_norm: Optional[float] = None) -> Tensor:
         if max_norm is not None:  # F.embedding would renormalize the weight in place: codes cannot be
             raise ValueError("an Embedding with max_norm rewrites its weight in place: it cannot compute from PQ codes")
         return lut.embedding_rows(indices, self.centroids, self.codes)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2 and isinstance(args[1], cls) and not isinstance(args[0], cls):
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return args[1].linear(args[0], bias)
-        if func is F.embedding and len(args) >= 2 and isinstance(args[1], cls) and not isinstance(args[0], cls):
-            max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
-            return args[1].embedding(args[0], max_norm)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        def plain(value):
-            return value.float_weight() if isinstance(value, cls) else value
-
-        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
 
     def __repr__(self) -> str:
         return (f"PQCodesWeight(shape={tuple(self.shape)}, K={self.centroids.shape[0]}, block={self.centroids.shape[1]}, "

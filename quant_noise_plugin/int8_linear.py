@@ -35,9 +35,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from .activations import affine_qparams, fake_quantize_activation
+from .weight_swap import ComputedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def choose_compute(out_features: int, in_features: int, has_int8_codes: bool) ->
     return "float", f"int8 measured x{speedup:.2f} float speed for this shape (below x{MIN_SPEEDUP})"
 
 
-class Int8LinearWeight(Tensor):
+class Int8LinearWeight(ComputedWeight):
     """A Linear weight as symmetric int8 codes with the layer's input quantization; see the module docstring."""
 
     @staticmethod
@@ -271,6 +271,8 @@ class Int8LinearWeight(Tensor):
     def dequantized(self) -> Tensor:
         return self._dequantize()
 
+    float_value = dequantized  # what any use other than F.linear sees (ComputedWeight)
+
     def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.compute == "float":
             return F.linear(x, self.dequantized().to(x.device, x.dtype), bias)
@@ -288,22 +290,6 @@ class Int8LinearWeight(Tensor):
         weight = self.dequantized().to(x.device, torch.float32)
         quantized = fake_quantize_activation(x.float(), self.input_scale, self.input_zero_point, self.input_bits)
         return F.linear(quantized, weight, None if bias is None else bias.float()).to(x.dtype)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2 and isinstance(args[1], cls) and not isinstance(args[0], cls):
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return args[1].linear(args[0], bias)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        def plain(value):
-            return value.dequantized() if isinstance(value, cls) else value
-
-        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
 
     def __repr__(self) -> str:
         return (f"Int8LinearWeight(shape={tuple(self.shape)}, compute={self.compute}, input_bits={self.input_bits}, "

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 WeightFn = Callable[[Optional[Tensor]], Optional[Tensor]]
 _FNS = "_qn_weight_fns"
@@ -48,6 +51,41 @@ def add_weight_fn(module: nn.Module, fn: WeightFn) -> None:
 
 def weight_fns(module: nn.Module) -> List[WeightFn]:
     return list(module.__dict__.get(_FNS, []))
+
+
+class ComputedWeight(Tensor):
+    """A derived weight that computes ``F.linear`` itself (and ``F.embedding``, where a subclass sets
+    ``computes_embedding``); any other use of it sees ``float_value()``. Subclasses: int8_linear.Int8LinearWeight
+    (int8 kernels), codes_weight.PQCodesWeight (lookup tables over PQ codes)."""
+
+    computes_embedding = False
+
+    def float_value(self) -> Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def embedding(self, indices: Tensor, max_norm: Optional[float] = None) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if len(args) >= 2 and isinstance(args[1], cls) and not isinstance(args[0], cls):
+            if func is F.linear:
+                return args[1].linear(args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
+            if func is F.embedding and args[1].computes_embedding:
+                return args[1].embedding(args[0], args[3] if len(args) > 3 else kwargs.get("max_norm"))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def plain(value):
+            return value.float_value() if isinstance(value, cls) else value
+
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
 
 
 InputFn = Callable[[Tensor], Optional[Tensor]]
