@@ -126,8 +126,8 @@ class BitCodes:
         index = rows.reshape(-1, 1).long() * n_blocks + torch.arange(n_blocks, device=rows.device)
         position = index * self.bits
         byte = (position >> 3).reshape(-1)
-        stream = self.stream.long()
-        window = (stream[byte] << 16) | (stream[byte + 1] << 8) | stream[byte + 2]
+        stream = self.stream  # only the bytes read are widened (not the whole stream at every lookup)
+        window = (stream[byte].long() << 16) | (stream[byte + 1].long() << 8) | stream[byte + 2].long()
         return ((window >> (24 - (position.reshape(-1) & 7) - self.bits)) & ((1 << self.bits) - 1)).view(index.shape)
 
     def all(self) -> Tensor:
