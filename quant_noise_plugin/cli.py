@@ -45,23 +45,18 @@ def _load_model(state, path: str, data: Optional[str]):
 
 def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optional[int] = None) -> dict:
     """Per-layer rows and totals; the packed file is predicted as paper bytes + container overhead."""
-    from .integrity import CHECKSUM_KEY, with_checksums
-    from .packing import pack_state_dict
-    from .sizes import activation_quantizers, container_overhead_bytes, dense_fp32_bytes, size_rows
+    from .packing import predicted_file
+    from .sizes import activation_quantizers
 
-    rows = size_rows(model, centroid_bits=centroid_bits)
-    paper = sum(r.bytes for r in rows)
-    packed_form = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
-    packed_form["model"] = with_checksums(pack_state_dict(model, centroid_bits=centroid_bits))
-    checksums = packed_form["model"][CHECKSUM_KEY].numel() * 8  # container bytes, not the model's
-    dense = dense_fp32_bytes(model)
+    predicted = predicted_file(model, state, centroid_bits)
+    paper, dense = predicted["compressed_bytes"], predicted["dense_fp32_bytes"]
     summary = {
-        "layers": [r.__dict__ | {"shape": list(r.shape)} for r in rows],
+        "layers": [r.__dict__ | {"shape": list(r.shape)} for r in predicted["rows"]],
         "activations": [{"layer": name, "bits": int(q.n_bits), "scale": q.params[0], "zero_point": q.params[1]}
                         for name, q in activation_quantizers(model)],
         "dense_fp32_bytes": dense,
         "compressed_bytes": paper,
-        "predicted_packed_file_bytes": paper + container_overhead_bytes(packed_form) + checksums,
+        "predicted_packed_file_bytes": predicted["predicted_packed_file_bytes"],
         "compression_ratio": dense / paper if paper else None,
     }
     if path is not None:
@@ -377,6 +372,57 @@ def cmd_unpack(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """A schedule YAML whose packed file lands on a size budget (budget.py)."""
+    import time
+
+    from .atomic import atomic_file
+    from .budget import BudgetError, build_menus, parse_size, plan_budget, schedule_text
+    from .checkpoints import read_checkpoint
+    from .schedule import OBJECTIVES
+    from .sizes import dense_fp32_bytes
+
+    if (args.target_size is None) == (args.target_ratio is None):
+        raise BudgetError("give one of --target-size SIZE (e.g. 200KB) or --target-ratio R (e.g. 40: the fp32 model's size / 40)")
+    if args.objective not in OBJECTIVES:
+        raise BudgetError(f"--objective {args.objective}: use {', '.join(OBJECTIVES)}")
+    if args.updates <= 0:
+        raise BudgetError(f"--updates {args.updates}: must be > 0 (the finetuning updates of the whole schedule)")
+    state = read_checkpoint(args.checkpoint)
+    model, task = _load_model(state, args.checkpoint, args.data)
+    dense = dense_fp32_bytes(model)
+    if args.target_ratio is not None:
+        if not args.target_ratio > 1:
+            raise BudgetError(f"--target-ratio {args.target_ratio}: must be > 1 (how many times smaller than the fp32 model)")
+        target = int(dense / args.target_ratio)
+    else:
+        target = parse_size(args.target_size)
+    scalar_bits = args.scalar_bits or None
+    start = time.perf_counter()
+    batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
+    n_weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
+    menus, base = build_menus(model, batches, lambda sample: criterion(model, sample), scalar_bits,
+                              reference_bits=min(2.0, max(0.25, 8 * target / max(1, n_weights))),
+                              block_sizes=args.block_sizes, centroid_counts=args.centroids, measure_all=args.measure_all,
+                              progress=logger.info)
+    plan = plan_budget(model, state, menus, target, scalar_bits, base, len(batches))
+    title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
+    text = schedule_text(plan, model, updates=args.updates, objective=args.objective, title=title)
+    with atomic_file(args.output) as tmp:
+        tmp.write_text(text)
+    seconds = time.perf_counter() - start
+    print(f"planned {args.checkpoint} -> {args.output}: packed file {plan.predicted_file_bytes / 1e6:.4f} MB predicted for a target of "
+          f"{target / 1e6:.4f} MB ({plan.predicted_file_bytes / target:.2%}), x{dense / plan.predicted_file_bytes:.1f} smaller than fp32; "
+          f"{sum(c.setting.is_pq for c in plan.picks)} of {len(plan.picks)} weights in PQ; {seconds:.1f} s")
+    for note in plan.notes:
+        print(f"note: {note}")
+    bits = plan.scalar_bits
+    for menu, choice in zip(plan.menus, plan.picks):
+        print(f"  {menu.name[:46]:46s} {'x'.join(map(str, menu.shape)):>12s} {choice.setting.label(bits):>12s} "
+              f"{choice.setting.bits_per_weight(bits):5.2f} bits/w {choice.bytes:>10,} B  est. rise {choice.rise:+.5f}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data_prep import prepare
 
@@ -412,6 +458,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binarized training data: also show each layer's weight and output errors under each objective (weights, activations, output)")
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches of --calibrate to run (default 32)")
     p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("plan", help="a schedule YAML whose packed file lands on a size budget, chosen per layer by measured sensitivity")
+    p.add_argument("checkpoint", help="the dense (or Quant-Noise trained) checkpoint to compress")
+    p.add_argument("--target-size", metavar="SIZE", help="the packed file's size: 200KB, 0.2MB, 1.5MiB or bytes")
+    p.add_argument("--target-ratio", type=float, metavar="R", help="the packed file R times smaller than the fp32 model")
+    p.add_argument("--calibrate", metavar="DATA_DIR", required=True, help="binarized training data (the model's dictionaries): "
+                   "its batches measure each layer's loss rise")
+    p.add_argument("-o", "--output", required=True, help="the schedule YAML to write")
+    p.add_argument("--data", help="data directory with the dictionaries (default: the checkpoint's)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="training batches of --calibrate (default 8)")
+    p.add_argument("--scalar-bits", type=int, choices=(0, 4, 8), default=8,
+                   help="layers left out of PQ and the centroids as int codes at pack (the schedule's final_scalar_bits; 0: fp16)")
+    p.add_argument("--objective", default="output", help="the schedule's k-means objective (default output)")
+    p.add_argument("--updates", type=int, default=500, help="finetuning updates of the whole schedule, split over its stages (default 500)")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16], help="PQ block sizes to choose from (default 4 8 16)")
+    p.add_argument("--centroids", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
+                   help="centroid counts to choose from (default 4 8 ... 256)")
+    p.add_argument("--measure-all", action="store_true", help="measure the loss rise of every setting of every layer "
+                   "(slow; default: measured at one setting per layer, carried to the others by their activation-weighted error)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("pack", help="inference-only checkpoint: bit-packed codes, fp16/int8 rest")
     p.add_argument("checkpoint")

@@ -40,6 +40,15 @@ class LayerTypeSettings:
 
 
 @dataclass
+class LayerOverride:
+    """Settings of some of a stage's layers (a plan's per-layer choices, ``quant-noise plan``)."""
+
+    layers: str = MISSING  # regex over module names, full match; must match at least one layer of the stage
+    block_size: Optional[int] = None  # None: the stage's
+    n_centroids: Optional[int] = None
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     layers: str = MISSING  # regex over module names, full match
@@ -50,6 +59,8 @@ class StageConfig:
     # every N updates of the stage's finetuning, each block of its layers moves to the centroid nearest the weight it
     # was fitted to (the centroids as finetuning moved them); 0: codes frozen once fitted (the paper's)
     reassign_every: int = 0
+    # settings for some of the stage's layers, over the stage's own; the first entry that matches a layer applies
+    per_layer: List[LayerOverride] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +161,17 @@ def validate_schedule(schedule: ScheduleConfig, source: str) -> None:
                     raise ScheduleError(f"{where}: key {key}.{kind}: unknown layer type (use {', '.join(LAYER_TYPES)})")
                 if value <= 0:
                     raise ScheduleError(f"{where}: key {key}.{kind}: must be > 0, got {value}")
+        for j, override in enumerate(stage.per_layer):
+            try:
+                re.compile(override.layers)
+            except re.error as e:
+                raise ScheduleError(f"{where}: key per_layer.{j}.layers: invalid regex {override.layers!r} ({e})") from None
+            if override.block_size is None and override.n_centroids is None:
+                raise ScheduleError(f"{where}: key per_layer.{j}: sets neither block_size nor n_centroids")
+            for key in ("block_size", "n_centroids"):
+                value = getattr(override, key)
+                if value is not None and value <= 0:
+                    raise ScheduleError(f"{where}: key per_layer.{j}.{key}: must be > 0, got {value}")
 
 
 @dataclass
@@ -224,6 +246,8 @@ def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<sc
     for i, stage in enumerate(schedule.stages):
         where = f"{source}: stage {i} ({stage.name})"
         pattern = re.compile(stage.layers)
+        overrides = [re.compile(o.layers) for o in stage.per_layer]
+        used = [False] * len(overrides)
         layers = []
         for names in groups:
             if not any(pattern.fullmatch(n) for n in names):
@@ -235,6 +259,11 @@ def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<sc
             defaults = schedule.defaults.get(kind, LayerTypeSettings())
             block_size = stage.block_size.get(kind, defaults.block_size)
             n_centroids = stage.n_centroids.get(kind, defaults.n_centroids)
+            j = next((j for j, o in enumerate(overrides) if any(o.fullmatch(n) for n in names)), None)
+            if j is not None:
+                used[j] = True
+                block_size = stage.per_layer[j].block_size or block_size
+                n_centroids = stage.per_layer[j].n_centroids or n_centroids
             shape = list(module.weight.shape)
             try:
                 check_pq_shape(names[0], shape, block_size, n_centroids)
@@ -247,6 +276,9 @@ def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<sc
                 f"{where}: key layers: regex {stage.layers!r} matches no Linear/Embedding layer of the model "
                 f"(module names look like {next((n for ns in groups for n in ns), '?')!r})"
             )
+        if not all(used):
+            j = used.index(False)
+            raise ScheduleError(f"{where}: key per_layer.{j}.layers: regex {stage.per_layer[j].layers!r} matches none of the stage's layers")
         plans.append(StagePlan(i, stage.name, stage.updates, start, layers))
         start += stage.updates
     return plans

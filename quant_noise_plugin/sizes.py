@@ -33,17 +33,26 @@ class SizeRow:
     bytes: float
 
 
+def pq_bytes(shape, block_size: int, n_centroids: int, centroid_bits: Optional[int] = None) -> int:
+    """A PQ weight as stored: its codes at ceil(log2 K) bits per block, its centroids (fp16, or int with one
+    8-byte scale and zero point) and its fitted flag."""
+    code_bytes = math.ceil(math.prod(shape) // block_size * bits_for(n_centroids) / 8)
+    centroid_bytes = math.ceil(n_centroids * block_size * centroid_bits / 8) + 8 if centroid_bits else n_centroids * block_size * 2
+    return code_bytes + centroid_bytes + 1
+
+
+def scalar_bytes(shape, bits: int, n_scales: int) -> int:
+    """An int weight as stored: its codes, a scale and zero point (4 bytes each) per row or tensor, its bit count."""
+    return math.ceil(math.prod(shape) * bits / 8) + n_scales * 2 * 4 + 1
+
+
 def _provider_rows(name: str, provider: nn.Module, centroid_bits: Optional[int]) -> SizeRow:
     n = math.prod(provider.shape)
     if isinstance(provider, PQCodebook):
-        code_bytes = math.ceil(provider.n_blocks * bits_for(provider.n_centroids) / 8)
-        k, d = provider.centroids.shape
-        centroid_bytes = math.ceil(k * d * centroid_bits / 8) + 8 if centroid_bits else k * d * 2
-        total = code_bytes + centroid_bytes + 1  # + the fitted flag
+        total = pq_bytes(provider.shape, provider.block_size, provider.n_centroids, centroid_bits)
         method = "pq" + (f"+int{centroid_bits}" if centroid_bits else "")
         return SizeRow(name, provider.shape, method, provider.block_size, provider.n_centroids, 8 * total / n, total)
-    rows = provider.scale.numel()
-    total = math.ceil(n * provider.bits / 8) + rows * 2 * 4 + 1  # codes, scale and zero point, n_bits
+    total = scalar_bytes(provider.shape, provider.bits, provider.scale.numel())
     return SizeRow(name, provider.shape, f"int{provider.bits}", None, None, 8 * total / n, total)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .cache import Cells
+from .grid import PLAN_PREFIX
 from .metrics import evaluate
 from .provenance import commit
 from .runs import Runner
@@ -33,11 +34,12 @@ def cell(runner: Runner, cells: Cells, task: str, mode: str, column: str, comman
     path = runner.compressed(task, mode, column)
     if runner.dry_run:
         return None
+    identity = [path.name, runner.normalized(flags)]  # a planned column's file is named once its plan exists
     result = {"task": task, "mode": mode, "column": column, "seed": seed, "preset": runner.preset_name, "bytes": path.stat().st_size,
               "checkpoint": str(path.relative_to(runner.work)), "train_updates": runner.total_budget(task, mode),
               "device": device_name(runner.device), "command": command, "commit": commit()}
     method = column.partition("+")[0]
-    if method in getattr(runner.preset, task).schedules:
+    if method in getattr(runner.preset, task).schedules or method.startswith(PLAN_PREFIX):
         result["ipq_updates"] = runner.ipq_updates(task, method)
     result.update(evaluate(runner, task, path))
     cells.put(task, mode, column, identity, result)

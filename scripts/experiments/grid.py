@@ -136,6 +136,9 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+PLAN_PREFIX = "plan_"  # a column planned by `quant-noise plan` for the bytes of its twin schedule column
+
+
 @dataclass
 class Grid:
     presets: Dict[str, Preset]
@@ -150,10 +153,12 @@ class Grid:
         schedules = getattr(self.presets[preset], task).schedules
         if method == "fp32" or method in self.packings:
             ok = not suffix
+        elif method.startswith(PLAN_PREFIX):  # plan_<schedule column>: `quant-noise plan` at that column's bytes
+            ok = method[len(PLAN_PREFIX):] in schedules and not suffix
         else:
             ok = method in schedules and (not suffix or (suffix in self.packings and self.packings[suffix].after_ipq))
         if not ok:
-            known = ["fp32", *self.packings, *schedules, *(f"{s}+{p}" for s in schedules for p, k in self.packings.items() if k.after_ipq)]
+            known = ["fp32", *self.packings, *schedules, *(PLAN_PREFIX + s for s in schedules), *(f"{s}+{p}" for s in schedules for p, k in self.packings.items() if k.after_ipq)]
             raise GridError(f"unknown column {column!r} for {task} under preset {preset} (known: {', '.join(known)})")
 
     # -- rows ---------------------------------------------------------------------------------

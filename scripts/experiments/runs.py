@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .cache import finished, key, mark_finished
-from .grid import REPO, Grid, Preset, resolve_flags, updates_for
+from .grid import PLAN_PREFIX, REPO, Grid, Preset, resolve_flags, updates_for
 from .shell import PLUGIN, sh
 
 FINETUNE_LR_FACTOR = 0.5  # finetuning rows (and their controls) run at half the task's peak learning rate
@@ -45,14 +45,35 @@ class Runner:
 
     # -- what the grid says ----------------------------------------------------------------------
 
-    def schedule(self, task: str, column: str = "ipq") -> Path:
-        """The iPQ schedule of a schedule column: --lm-schedule/--mt-schedule/--cls-schedule for "ipq", else the preset's."""
+    def schedule(self, task: str, column: str = "ipq", mode: Optional[str] = None) -> Path:
+        """The iPQ schedule of a schedule column: --lm-schedule/--mt-schedule/--cls-schedule for "ipq", else the preset's;
+        a planned column's (``plan_<twin>``): the YAML `quant-noise plan` wrote for the row's model (``plan_command``)."""
+        if column.startswith(PLAN_PREFIX):
+            return self.plan_command(task, mode, column)[1]
         if column == "ipq" and task in self.overrides:
             return self.overrides[task]
         return REPO / getattr(self.preset, task).schedules[column]
 
     def ipq_updates(self, task: str, column: str = "ipq") -> int:
-        return schedule_updates(self.schedule(task, column))
+        """A schedule column's updates (a planned column: its twin's, which the plan splits over its own stages)."""
+        return schedule_updates(self.schedule(task, column.removeprefix(PLAN_PREFIX)))
+
+    def plan_command(self, task: str, mode: str, column: str) -> Tuple[List, Path]:
+        """`quant-noise plan` of a row's model for a planned column: the twin column's file bytes as the target, the twin
+        schedule's objective, final scalar bits and updates. The target is known once the twin is packed (before:
+        TWIN_BYTES)."""
+        from quant_noise_plugin.schedule import load_schedule
+
+        twin = column[len(PLAN_PREFIX):]
+        twin_schedule = load_schedule(self.schedule(task, twin))
+        twin_file = self.compressed_path(task, mode, twin)[1]
+        target = twin_file.stat().st_size if twin_file.exists() else "TWIN_BYTES"
+        trained = self.trained(task, mode)
+        out = self.work / "plans" / f"{trained.parent.name}-{column}.yaml"
+        cmd = ["quant-noise", "plan", trained, "--target-size", target, "--calibrate", self.data / task / "bin",
+               "--data", self.data / task / "bin", "--objective", twin_schedule.objective,
+               "--scalar-bits", twin_schedule.final_scalar_bits or 0, "--updates", twin_schedule.total_updates, "-o", out]
+        return cmd, out
 
     def budget(self, task: str, mode: str) -> int:
         """Training updates of a row's own run (a finetuning row: the updates after its base)."""
@@ -140,12 +161,13 @@ class Runner:
 
     def ipq_command(self, task: str, mode: str, column: str = "ipq") -> Tuple[List, Path]:
         """fairseq-train --task ipq_*: the row's trained model through a schedule (plus the row's iPQ-time flags)."""
-        schedule = self.schedule(task, column)
+        schedule = self.schedule(task, column, mode)
         dense = self.trained(task, mode)
         cmd = ["fairseq-train", self.data / task / "bin", *self.grid.tasks[task].ipq, *self.length_flags(task),
                "--lr", self.grid.tasks[task].ipq_lr, "--ipq-config", schedule, "--finetune-from-model", dense,
                *getattr(self.preset, task).arch, *self.grid.mode(task, mode).ipq_flags, *self.common(self.ipq_updates(task, column))]
-        return self._with_save(cmd, f"{dense.parent.name}-ipq", hashlib.sha256(schedule.read_bytes()).hexdigest())
+        digest = hashlib.sha256(schedule.read_bytes()).hexdigest() if schedule.exists() else "not planned yet"
+        return self._with_save(cmd, f"{dense.parent.name}-ipq", digest)
 
     def _with_save(self, cmd: List, name: str, *extra) -> Tuple[List, Path]:
         save = self.run_dir(name, cmd, *extra)
@@ -198,7 +220,25 @@ class Runner:
 
     def ipq(self, task: str, mode: str, column: str = "ipq") -> Path:
         self.train(task, mode)
+        if column.startswith(PLAN_PREFIX):
+            self.plan(task, mode, column)
         return self.run(*self.ipq_command(task, mode, column), "ipq.log")
+
+    def plan(self, task: str, mode: str, column: str) -> Path:
+        """A planned column's schedule, planned once for the twin's bytes (replanned when the plan command changes)."""
+        self.compressed(task, mode, column[len(PLAN_PREFIX):])
+        cmd, out = self.plan_command(task, mode, column)
+        record = out.with_suffix(".command")
+        line = " ".join(self.normalized(cmd))
+        if out.exists() and record.exists() and record.read_text() == line:
+            print(f"[done] {out}", flush=True)
+        elif self.dry_run:
+            self.show(cmd)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sh(cmd, out.with_suffix(".log"))
+            record.write_text(line)
+        return out
 
     def compressed(self, task: str, mode: str, column: str) -> Path:
         """The column's file: the dense model unpacked to fp32 (what stock fairseq loads), or packed."""
