@@ -186,58 +186,64 @@ def _reference(settings: Sequence[Setting], bits: float) -> Setting:
     return min(pq, key=lambda s: (abs(s.bits_per_weight(None) - bits), s.bits_per_weight(None), -s.block_size))
 
 
-@torch.no_grad()
-def build_menus(model: nn.Module, batches: Sequence[Any], run: Callable[[Any], Any], scalar_bits: Optional[int] = 8,
-                reference_bits: float = 1.0, block_sizes: Sequence[int] = BLOCK_SIZES,
-                centroid_counts: Sequence[int] = CENTROID_COUNTS, measure_all: bool = False, n_iter: int = 10,
-                seed: int = 0, backend: str = "auto", progress: Optional[Callable[[str], None]] = None) -> tuple:
-    """Every quantizable weight's menu, and the model's calibration loss. ``run(batch)`` returns the criterion's
-    (loss, sample_size, ...). The model runs in eval mode; its weights are back as they were on return."""
-    groups = {names[0]: names for names in quantizable_weights(model).values()}
+def weight_menus(model: nn.Module, scalar_bits: Optional[int] = 8, block_sizes: Sequence[int] = BLOCK_SIZES,
+                 centroid_counts: Sequence[int] = CENTROID_COUNTS) -> List[WeightMenu]:
+    """Every quantizable weight's settings and their bytes (errors and rises not measured yet)."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    for name in groups:
-        if any(child in modules[name]._modules for child in ("weight_pq", "weight_int")):
-            raise BudgetError(f"layer {name} is already quantized: plan from the dense (or Quant-Noise trained) checkpoint")
-    moments = collect_input_moments(model, groups, batches, run)
+    menus = []
+    for names in quantizable_weights(model).values():
+        module = modules[names[0]]
+        if any(child in module._modules for child in ("weight_pq", "weight_int")):
+            raise BudgetError(f"layer {names[0]} is already quantized: plan from the dense (or Quant-Noise trained) checkpoint")
+        shape = list(module._parameters["weight"].shape)
+        settings = settings_for(shape, block_sizes, centroid_counts)
+        if len(settings) == 1:
+            logger.info("%s %s: no PQ setting fits (block sizes %s): left out of PQ", names[0], shape, list(block_sizes))
+        menus.append(WeightMenu(list(names), layer_kind(module), shape,
+                                [Choice(s, setting_bytes(shape, s, scalar_bits), 0.0) for s in settings], Setting()))
+    return menus
+
+
+@torch.no_grad()
+def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[Any], run: Callable[[Any], Any],
+                  scalar_bits: Optional[int] = 8, reference_bits: float = 1.0, measure_all: bool = False, n_iter: int = 10,
+                  seed: int = 0, backend: str = "auto", progress: Optional[Callable[[str], None]] = None) -> float:
+    """Fill each menu's errors and loss rises; returns the model's calibration loss. ``run(batch)`` returns the
+    criterion's (loss, sample_size, ...). The model runs in eval mode; its weights are back as they were on return."""
+    moments = collect_input_moments(model, {m.name: m.names for m in menus}, batches, run)
     was_training = model.training
     model.eval()
     try:
         base = calibration_loss(batches, run)
         generator = torch.Generator().manual_seed(seed)
-        menus = []
-        for name, names in groups.items():
-            weight = modules[name]._parameters["weight"].detach().float()
+        for menu in menus:
+            weight = model.get_submodule(menu.name)._parameters["weight"].detach().float()
             try:
-                importance = moments[name].importance().expand(weight.shape)
-            except ValueError:  # no calibration input reached it (a head the task never runs): weight error
+                importance = moments[menu.name].importance().expand(weight.shape)
+            except ValueError:  # no calibration input reached it (a head the task never runs): the weight error
                 importance = torch.ones_like(weight)
+            # the proxy's errors on whole rows, at least 2^18 weights of them (>= 16,384 blocks: enough for K <= 256)
             rows = max(1, min(weight.shape[0], math.ceil(SAMPLE_WEIGHTS / max(1, weight[0].numel()))))
             picked = torch.randperm(weight.shape[0], generator=generator)[:rows].sort().values
             sample, sample_importance = weight[picked], importance[picked].contiguous()
-            settings = settings_for(sample.shape, block_sizes, centroid_counts)
-            reference = _reference(settings_for(weight.shape, block_sizes, centroid_counts), reference_bits)
-            choices = []
-            for setting in settings_for(weight.shape, block_sizes, centroid_counts):
-                if setting.is_pq and setting not in settings:  # more centroids than the sampled rows' blocks: skip
-                    continue
-                approx = quantized(sample, setting, scalar_bits, sample_importance, n_iter, seed, backend)
-                error = float((sample_importance * (sample - approx) ** 2).sum())
-                choices.append(Choice(setting, setting_bytes(weight.shape, setting, scalar_bits), error))
-            menu = WeightMenu(list(names), layer_kind(modules[name]), list(weight.shape), choices, reference)
-            for choice in choices if measure_all else [c for c in choices if c.setting == reference]:
+            for choice in menu.choices:
+                approx = quantized(sample, choice.setting, scalar_bits, sample_importance, n_iter, seed, backend)
+                choice.error = float((sample_importance * (sample - approx) ** 2).sum())
+            if any(c.setting.is_pq for c in menu.choices):
+                menu.reference = _reference([c.setting for c in menu.choices], reference_bits)
+            for choice in menu.choices if measure_all else [c for c in menu.choices if c.setting == menu.reference]:
                 approx = quantized(weight, choice.setting, scalar_bits, importance, n_iter, seed, backend)
-                with _weight_replaced(model, name, approx):
+                with _weight_replaced(model, menu.name, approx):
                     choice.rise = calibration_loss(batches, run) - base
-                if choice.setting == reference:
+                if choice.setting == menu.reference:
                     menu.measured_rise = choice.rise
-            menus.append(menu)
             if progress:
-                progress(f"{name}: loss rise {menu.measured_rise:+.4f} at {reference.label(scalar_bits)}")
+                progress(f"{menu.name}: loss rise {menu.measured_rise:+.4f} at {menu.reference.label(scalar_bits)}")
     finally:
         model.train(was_training)
     if not measure_all:
         _carry_rises(menus)
-    return menus, base
+    return base
 
 
 def _carry_rises(menus: List[WeightMenu]) -> None:
@@ -302,6 +308,21 @@ def planned_model(model: nn.Module, menus: Sequence[WeightMenu], picks: Sequence
     return planned
 
 
+def check_reachable(model: nn.Module, state: Dict, menus: List[WeightMenu], target_bytes: int, scalar_bits: Optional[int]) -> tuple:
+    """(smallest, largest) packed file the menus reach; a target outside is a one-line error saying both."""
+    low = planned_file_bytes(model, state, menus, [min(m.choices, key=lambda c: c.bytes) for m in menus], scalar_bits)
+    high = planned_file_bytes(model, state, menus, [max(m.choices, key=lambda c: c.bytes) for m in menus], scalar_bits)
+    if not low <= target_bytes <= high:
+        raise BudgetError(f"target {target_bytes / 1e6:.4f} MB is out of reach: this model's packed file can be {low / 1e6:.4f} MB "
+                          f"(every weight at its coarsest setting) to {high / 1e6:.4f} MB ({'int' + str(scalar_bits) if scalar_bits else 'fp16'}, no PQ)")
+    return low, high
+
+
+def planned_file_bytes(model: nn.Module, state: Dict, menus: Sequence[WeightMenu], picks: Sequence[Choice], scalar_bits: Optional[int]) -> int:
+    """The packed file's bytes were the model stored as ``picks`` say (sizes.py's count plus the container's)."""
+    return int(predicted_file(planned_model(model, menus, picks, scalar_bits), state, scalar_bits)["predicted_packed_file_bytes"])
+
+
 def plan_budget(model: nn.Module, state: Dict, menus: List[WeightMenu], target_bytes: int, scalar_bits: Optional[int],
                 base_loss: float, n_batches: int) -> Plan:
     """The picks whose packed file lands on ``target_bytes`` (within 1% below it, unless every weight already has
@@ -309,22 +330,18 @@ def plan_budget(model: nn.Module, state: Dict, menus: List[WeightMenu], target_b
     and the knapsack rerun on what is left; a target out of reach is a one-line error with the reachable range."""
 
     def file_bytes(picks: List[Choice]) -> int:
-        return int(predicted_file(planned_model(model, menus, picks, scalar_bits), state, scalar_bits)["predicted_packed_file_bytes"])
+        return planned_file_bytes(model, state, menus, picks, scalar_bits)
 
     smallest = [min(m.choices, key=lambda c: c.bytes) for m in menus]
     largest = [max(m.choices, key=lambda c: c.bytes) for m in menus]
-    low, high = file_bytes(smallest), file_bytes(largest)
-    reach = f"this model's packed file can be {low / 1e6:.4f} MB (every weight at its coarsest setting) to {high / 1e6:.4f} MB " \
-            f"({'int' + str(scalar_bits) if scalar_bits else 'fp16'}, no PQ)"
-    if not low <= target_bytes <= high:
-        raise BudgetError(f"target {target_bytes / 1e6:.4f} MB is out of reach: {reach}")
+    low, high = check_reachable(model, state, menus, target_bytes, scalar_bits)
     overhead = low - sum(c.bytes for c in smallest)
     best = None
     for _ in range(6):
         indices = allocate(menus, target_bytes - overhead)
         picks = smallest if indices is None else [m.choices[i] for m, i in zip(menus, indices)]
         predicted = file_bytes(picks)
-        if predicted <= target_bytes and (best is None or predicted > best[1]):
+        if predicted <= target_bytes and (best is None or sum(c.rise for c in picks) < sum(c.rise for c in best[0])):
             best = (picks, predicted)
         if predicted <= target_bytes and (predicted >= 0.99 * target_bytes or all(p is b for p, b in zip(picks, largest))):
             break

@@ -104,10 +104,13 @@ def write_failure_message(path: str | Path) -> str:
 
 
 def write_checkpoint_atomically(state: Dict[str, Any], path: str | Path) -> int:
-    """Write next to ``path`` then rename, so a crash never leaves a half-written file. Returns bytes."""
+    """Write next to ``path`` then rename, so a crash never leaves a half-written file. Returns bytes.
+
+    Saved through an open file: torch then names the zip records "archive/..." instead of after the (temporary)
+    file, so a file's size does not depend on its name (sizes.serialized_bytes counts it exactly)."""
     try:
-        with atomic_file(path) as tmp:
-            torch.save(state, tmp)
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
     except (OSError, RuntimeError) as e:
         if is_write_failure(e):
             raise CheckpointError(write_failure_message(path)) from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import os
 import sys
@@ -274,6 +275,8 @@ def cmd_pack(args) -> int:
         marker.update(activation_bits=args.activation_bits, observer=args.observer, calibration_batches=len(batches))
     packed = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
     packed["cfg"] = without_namespaces(state["cfg"])
+    if isinstance(packed.get("task_state"), dict):  # the schedule and layout describe training; a packed file's keys say it all
+        packed["task_state"] = {k: v for k, v in packed["task_state"].items() if not k.startswith("ipq_")}
     packed["model"] = with_checksums(pack_state_dict(model, centroid_bits=bits, symmetric=activations))
     packed[PACKED_MARKER] = marker
     marker["config_crc32"] = packed_config_crc32(packed)
@@ -377,7 +380,7 @@ def cmd_plan(args) -> int:
     import time
 
     from .atomic import atomic_file
-    from .budget import BudgetError, build_menus, parse_size, plan_budget, schedule_text
+    from .budget import BudgetError, check_reachable, measure_menus, parse_size, plan_budget, schedule_text, weight_menus
     from .checkpoints import read_checkpoint
     from .schedule import OBJECTIVES
     from .sizes import dense_fp32_bytes
@@ -388,23 +391,26 @@ def cmd_plan(args) -> int:
         raise BudgetError(f"--objective {args.objective}: use {', '.join(OBJECTIVES)}")
     if args.updates <= 0:
         raise BudgetError(f"--updates {args.updates}: must be > 0 (the finetuning updates of the whole schedule)")
+    if args.target_ratio is not None and not args.target_ratio > 1:
+        raise BudgetError(f"--target-ratio {args.target_ratio}: must be > 1 (how many times smaller than the fp32 model)")
+    for flag, values in (("--block-sizes", args.block_sizes), ("--centroids", args.centroids)):
+        if min(values) < 1:
+            raise BudgetError(f"{flag} {' '.join(map(str, values))}: every value must be >= 1")
+    target = None if args.target_ratio is not None else parse_size(args.target_size)
     state = read_checkpoint(args.checkpoint)
     model, task = _load_model(state, args.checkpoint, args.data)
     dense = dense_fp32_bytes(model)
-    if args.target_ratio is not None:
-        if not args.target_ratio > 1:
-            raise BudgetError(f"--target-ratio {args.target_ratio}: must be > 1 (how many times smaller than the fp32 model)")
+    if target is None:
         target = int(dense / args.target_ratio)
-    else:
-        target = parse_size(args.target_size)
     scalar_bits = args.scalar_bits or None
     start = time.perf_counter()
+    menus = weight_menus(model, scalar_bits, args.block_sizes, args.centroids)
+    check_reachable(model, state, menus, target, scalar_bits)  # before the measurements: an impossible target fails now
     batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
-    n_weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
-    menus, base = build_menus(model, batches, lambda sample: criterion(model, sample), scalar_bits,
-                              reference_bits=min(2.0, max(0.25, 8 * target / max(1, n_weights))),
-                              block_sizes=args.block_sizes, centroid_counts=args.centroids, measure_all=args.measure_all,
-                              progress=logger.info)
+    n_weights = sum(math.prod(m.shape) for m in menus)
+    base = measure_menus(model, menus, batches, lambda sample: criterion(model, sample), scalar_bits,
+                         reference_bits=min(2.0, max(0.25, 8 * target / n_weights)), measure_all=args.measure_all,
+                         progress=logger.info)
     plan = plan_budget(model, state, menus, target, scalar_bits, base, len(batches))
     title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
     text = schedule_text(plan, model, updates=args.updates, objective=args.objective, title=title)

@@ -12,9 +12,9 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .integrity import CHECKSUM_KEY, with_checksums
+from .integrity import with_checksums
 from .providers import PROVIDER_CHILDREN, is_fitted
-from .sizes import container_overhead_bytes, dense_fp32_bytes, size_rows, storage_key
+from .sizes import dense_fp32_bytes, serialized_bytes, size_rows, storage_key
 
 
 @torch.no_grad()
@@ -49,12 +49,10 @@ def pack_state_dict(model: nn.Module, float_dtype: torch.dtype = torch.float16, 
 
 
 def predicted_file(model: nn.Module, state: Dict, centroid_bits: Optional[int] = None) -> Dict:
-    """The model's packed file, predicted without writing it: per-layer rows (sizes.SizeRow), the paper's byte count, and
-    the file's bytes (that count + the container's own: ``state``'s other entries, keys, zip entries, checksums)."""
+    """The model's packed file without writing it: per-layer rows (sizes.SizeRow), the paper's byte count, and the
+    file's bytes (the packed form with ``state``'s other entries and the checksums, serialized in memory)."""
     rows = size_rows(model, centroid_bits=centroid_bits)
-    paper = sum(r.bytes for r in rows)
     packed_form = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
     packed_form["model"] = with_checksums(pack_state_dict(model, centroid_bits=centroid_bits))
-    checksums = packed_form["model"][CHECKSUM_KEY].numel() * 8  # container bytes, not the model's
-    return {"rows": rows, "dense_fp32_bytes": dense_fp32_bytes(model), "compressed_bytes": paper,
-            "predicted_packed_file_bytes": paper + container_overhead_bytes(packed_form) + checksums}
+    return {"rows": rows, "dense_fp32_bytes": dense_fp32_bytes(model), "compressed_bytes": sum(r.bytes for r in rows),
+            "predicted_packed_file_bytes": serialized_bytes(packed_form)}

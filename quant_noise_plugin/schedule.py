@@ -106,7 +106,15 @@ def schedule_from_dict(data, source: str = "<schedule>") -> ScheduleConfig:
             raise ScheduleError(f"{source}: key defaults.{kind}: a mapping of settings, e.g. {{block_size: 8, n_centroids: 256}}")
     rest = OmegaConf.create({k: v for k, v in data.items() if k != "stages"})
     schedule = _typed(OmegaConf.merge(rest, {"stages": []}), ScheduleConfig, source)
-    schedule.stages = [_typed(stage, StageConfig, f"{source}: stage {i}") for i, stage in enumerate(stages)]
+    schedule.stages = []
+    for i, stage in enumerate(stages):
+        entries = stage.get("per_layer") if isinstance(stage, DictConfig) else None
+        if entries is not None and not isinstance(entries, ListConfig):
+            raise ScheduleError(f"{source}: stage {i}: key per_layer: a list of {{layers: REGEX, block_size: N, n_centroids: K}}")
+        rest = OmegaConf.create({k: v for k, v in stage.items() if k != "per_layer"}) if entries is not None else stage
+        typed = _typed(rest, StageConfig, f"{source}: stage {i}")
+        typed.per_layer = [_typed(entry, LayerOverride, f"{source}: stage {i}: key per_layer.{j}") for j, entry in enumerate(entries or [])]
+        schedule.stages.append(typed)
     validate_schedule(schedule, source)
     return schedule
 
@@ -278,7 +286,7 @@ def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<sc
             )
         if not all(used):
             j = used.index(False)
-            raise ScheduleError(f"{where}: key per_layer.{j}.layers: regex {stage.per_layer[j].layers!r} matches none of the stage's layers")
+            raise ScheduleError(f"{where}: key per_layer.{j}.layers: regex '{stage.per_layer[j].layers}' matches none of the stage's layers")
         plans.append(StagePlan(i, stage.name, stage.updates, start, layers))
         start += stage.updates
     return plans

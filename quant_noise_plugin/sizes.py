@@ -113,24 +113,9 @@ def storage_key(tensor: Tensor):
     return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
 
 
-def container_overhead_bytes(state: Dict) -> int:
-    """Bytes torch.save spends beside tensor data: the pickle (keys, cfg) and one zip entry per tensor.
-
-    Measured exactly by saving a skeleton of ``state`` whose tensors are empty (shared ones stay
-    shared), plus the worst-case 64-byte alignment padding of each non-empty tensor.
-    """
-    memo: Dict[tuple, Tensor] = {}
-
-    def skeleton(value):
-        if isinstance(value, Tensor):
-            key = storage_key(value)
-            if key not in memo:
-                memo[key] = torch.empty(0, dtype=value.dtype)
-            return memo[key]
-        if isinstance(value, dict):
-            return {k: skeleton(v) for k, v in value.items()}
-        return value
-
+def serialized_bytes(state: Dict) -> int:
+    """The bytes torch.save writes for ``state``, counted by saving it to memory: what a checkpoint written through an
+    open file (checkpoints.write_checkpoint_atomically) takes on disk, whatever the file's name."""
     buffer = io.BytesIO()
-    torch.save(skeleton(state), buffer)
-    return buffer.getbuffer().nbytes + 32 * len(memo)  # on average half the 64-byte alignment
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes

@@ -34,7 +34,7 @@ def test_pack_size_matches_prediction_and_eval_matches(ipq, lm_data, tmp_path):
     out = run(["quant-noise", "size", packed, "--json"]).output
     report = json.loads(out[out.index("{"):])
     assert report["packed"] is True
-    assert abs(report["file_bytes"] - report["predicted_packed_file_bytes"]) <= 0.05 * report["file_bytes"]
+    assert abs(report["file_bytes"] - report["predicted_packed_file_bytes"]) <= 64  # serialized in memory: the file to the byte, bar the marker
     state = torch.load(packed, weights_only=False)
     assert "last_optimizer_state" not in state
     model = state["model"]

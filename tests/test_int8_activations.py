@@ -161,7 +161,7 @@ def test_pack_with_activations_then_eval_lm_kernel_equals_reference(w8a8, ipq, l
     size = run(["quant-noise", "size", path, "--json"]).output
     report = json.loads(size[size.index("{"):])
     assert len(report["activations"]) == 13 and all(a["bits"] == 8 and a["scale"] > 0 for a in report["activations"])
-    assert abs(report["file_bytes"] - report["predicted_packed_file_bytes"]) <= 0.05 * report["file_bytes"]
+    assert abs(report["file_bytes"] - report["predicted_packed_file_bytes"]) <= 64
     assert "int8 inputs of 13 Linear layers" in run(["quant-noise", "size", path]).output
 
     dense = tmp_path / "dense.pt"

@@ -69,7 +69,7 @@ def test_int3_int2_and_per_tensor_int4_packs_are_their_size_and_reload(dense_lm,
         run(["quant-noise", "pack", dense_lm, files[name], *flags])
         out = run(["quant-noise", "size", files[name], "--json"]).output
         report = json.loads(out[out.index("{"):])
-        assert abs(report["file_bytes"] / report["predicted_packed_file_bytes"] - 1) < 0.05, name
+        assert abs(report["file_bytes"] - report["predicted_packed_file_bytes"]) <= 64, name
         assert {layer["method"] for layer in report["layers"]} >= {name[:4]}
     size = {name: path.stat().st_size for name, path in files.items()}
     assert size["int2"] < size["int3"] < size["int4"] and size["int4_tensor"] < size["int4"]

@@ -72,6 +72,10 @@ def test_embeddings_first_schedule_puts_the_tied_embedding_first_with_more_centr
         ("stages:\n  - {name: a, layers: 'x', updates: 1, objective: hessian}\n", "stage 0 (a): key objective: 'hessian'"),
         ("stages:\n  - {name: a, layers: 'x', updates: 4, reassign_every: -1}\n", "stage 0 (a): key reassign_every: must be >= 0"),
         ("stages:\n  - {name: a, layers: 'x', updates: 4, reassign_every: 4}\n", "below the stage's 4 updates, got 4"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 1, per_layer: [{layers: '('}]}\n", "stage 0 (a): key per_layer.0.layers: invalid regex"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 1, per_layer: [{layers: 'x'}]}\n", "key per_layer.0: sets neither block_size nor n_centroids"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 1, per_layer: [{layers: 'x', n_centroids: 0}]}\n", "key per_layer.0.n_centroids: must be > 0"),
+        ("stages:\n  - {name: a, layers: 'x', updates: 1, per_layer: [{layers: 'x', bits: 3}]}\n", "stage 0: key per_layer.0: key bits"),
     ],
 )
 def test_bad_yaml_is_a_one_line_error_naming_the_key(tmp_path, text, message):
@@ -87,6 +91,10 @@ def test_bad_yaml_is_a_one_line_error_naming_the_key(tmp_path, text, message):
         ("  - {name: a, layers: decoder\\\\.layers\\\\.\\\\d+\\\\.fc1, updates: 1}\n", "stage 0 (a): key layers: regex"),
         ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, block_size: {Linear: 5}}\n", "layer decoder.layers.0.fc1 (shape (32, 16)): block_size 5"),
         ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, n_centroids: {Linear: 4096}}\n", "n_centroids 4096 but only 128 blocks"),
+        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, per_layer: [{layers: 'decoder\\.layers\\.0\\.fc2', n_centroids: 8}]}\n",
+         "stage 0 (a): key per_layer.0.layers: regex 'decoder\\.layers\\.0\\.fc2' matches none of the stage's layers"),
+        ("  - {name: a, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 1, per_layer: [{layers: 'decoder\\.layers\\.1\\.fc1', block_size: 3}]}\n",
+         "layer decoder.layers.1.fc1 (shape (32, 16)): block_size 3"),
         ("  - {name: a, layers: 'decoder\\.layers\\.0\\.fc1', updates: 1}\n  - {name: b, layers: 'decoder\\.layers\\.\\d\\.fc1', updates: 1}\n",
          "stage 1 (b): layer decoder.layers.0.fc1 is already quantized by stage a"),
     ],
@@ -129,3 +137,13 @@ def test_stage_objective_overrides_the_schedule_objective(tmp_path):
             "  - {name: b, layers: 'decoder\\.embed_tokens', updates: 1}\n")
     plans = plan_schedule(load_schedule(write(tmp_path, text)), TinyLM(), "s.yaml")
     assert [[p.objective for p in stage.layers] for stage in plans] == [["weights", "weights"], ["activations"]]
+
+
+def test_per_layer_settings_override_the_stage_for_the_layers_they_match(tmp_path):
+    text = ("defaults:\n  Linear: {block_size: 4, n_centroids: 16}\nstages:\n"
+            "  - name: ffn\n    layers: 'decoder\\.layers\\.\\d+\\.fc[12]'\n    updates: 1\n    n_centroids: {Linear: 8}\n"
+            "    per_layer:\n      - {layers: 'decoder\\.layers\\.1\\.fc1', block_size: 8, n_centroids: 32}\n"
+            "      - {layers: 'decoder\\.layers\\.\\d+\\.fc1', n_centroids: 4}\n")
+    layers = {p.name: (p.block_size, p.n_centroids) for p in plan_schedule(load_schedule(write(tmp_path, text)), TinyLM())[0].layers}
+    # the first matching entry wins; a layer no entry matches keeps the stage's settings
+    assert layers == {"decoder.layers.0.fc1": (4, 4), "decoder.layers.1.fc1": (8, 32), "decoder.layers.0.fc2": (4, 8), "decoder.layers.1.fc2": (4, 8)}
