@@ -446,3 +446,34 @@ def check_schedule_text(text: str, plan: Plan, model: nn.Module) -> None:
     if layers != wanted:
         wrong = sorted(set(layers.items()) ^ set(wanted.items()))[0][0]
         raise AssertionError(f"the planned schedule does not give layer {wrong} its planned setting")
+
+
+def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[Any], run: Callable[[Any], Any], target_bytes: int,
+                             scalar_bits: Optional[int] = 8, objective: str = "output", updates: int = 500,
+                             block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
+                             measure_all: bool = False, title: str = "",
+                             progress: Optional[Callable[[str], None]] = None) -> tuple:
+    """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
+    text). The target is checked against what the menus reach before anything is measured."""
+    menus = weight_menus(model, scalar_bits, block_sizes, centroid_counts)
+    check_reachable(model, state, menus, target_bytes, scalar_bits)
+    n_weights = sum(math.prod(m.shape) for m in menus)
+    # the proxy is anchored near the budget's mean bits per weight (at most 2: a rise large enough to read)
+    reference_bits = min(2.0, max(0.25, 8 * target_bytes / n_weights))
+    base = measure_menus(model, menus, batches, run, scalar_bits, reference_bits, measure_all, progress=progress)
+    plan = plan_budget(model, state, menus, target_bytes, scalar_bits, base, len(batches))
+    return plan, schedule_text(plan, model, updates=updates, objective=objective, title=title)
+
+
+def parse_target(text: str, dense_fp32_bytes: int, flag: str = "--ipq-target-size") -> int:
+    """A size ('200KB', see parse_size) or a ratio to the fp32 model ('x40')."""
+    text = str(text).strip()
+    if text[:1] in ("x", "X"):
+        try:
+            ratio = float(text[1:])
+        except ValueError:
+            ratio = 0.0
+        if not ratio > 1:
+            raise BudgetError(f"{flag} {text}: a ratio is x followed by a number > 1 (x40: 40 times smaller than fp32)")
+        return int(dense_fp32_bytes / ratio)
+    return parse_size(text, flag)

@@ -206,7 +206,8 @@ def use_stock_names(cfg: Dict[str, Any]) -> None:
     if task is not None:
         task = vars(task) if isinstance(task, argparse.Namespace) else dict(task)
         task["_name"] = stock_task.get(task.get("_name"), task.get("_name"))
-        for key in [k for k in task if k.startswith("ipq_")] + ["max_update", "restore_file", "reset_optimizer", "save_dir"]:
+        for key in [k for k in task if k.startswith("ipq_")] + ["max_update", "restore_file", "reset_optimizer", "save_dir",
+                                                                   "finetune_from_model"]:
             task.pop(key, None)  # every iPQ option (a stock task's dataclass rejects unknown keys), present and future
         cfg["task"] = task
     stock_criterion = {v: k for k, v in PLUGIN_CRITERIONS.items()}

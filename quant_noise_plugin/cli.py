@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import logging
 import os
 import sys
@@ -380,7 +379,7 @@ def cmd_plan(args) -> int:
     import time
 
     from .atomic import atomic_file
-    from .budget import BudgetError, check_reachable, measure_menus, parse_size, plan_budget, schedule_text, weight_menus
+    from .budget import BudgetError, parse_size, plan_schedule_for_budget
     from .checkpoints import read_checkpoint
     from .schedule import OBJECTIVES
     from .sizes import dense_fp32_bytes
@@ -404,16 +403,11 @@ def cmd_plan(args) -> int:
         target = int(dense / args.target_ratio)
     scalar_bits = args.scalar_bits or None
     start = time.perf_counter()
-    menus = weight_menus(model, scalar_bits, args.block_sizes, args.centroids)
-    check_reachable(model, state, menus, target, scalar_bits)  # before the measurements: an impossible target fails now
     batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
-    n_weights = sum(math.prod(m.shape) for m in menus)
-    base = measure_menus(model, menus, batches, lambda sample: criterion(model, sample), scalar_bits,
-                         reference_bits=min(2.0, max(0.25, 8 * target / n_weights)), measure_all=args.measure_all,
-                         progress=logger.info)
-    plan = plan_budget(model, state, menus, target, scalar_bits, base, len(batches))
     title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
-    text = schedule_text(plan, model, updates=args.updates, objective=args.objective, title=title)
+    plan, text = plan_schedule_for_budget(model, state, batches, lambda sample: criterion(model, sample), target, scalar_bits,
+                                          args.objective, args.updates, args.block_sizes, args.centroids, args.measure_all,
+                                          title, progress=logger.info)
     with atomic_file(args.output) as tmp:
         tmp.write_text(text)
     seconds = time.perf_counter() - start

@@ -24,7 +24,9 @@ HELP = {
     "pq_embeddings": "PQ noise rate of embedding tables and the output projections tied to them (default: --quant-noise-pq)",
     "pq_centroids": "0: dropped blocks are zeroed (the paper's proxy); K>0: selected blocks are replaced by their nearest "
                     "of K centroids k-means'd from the layer's weight (the real iPQ error, straight-through)",
-    "pq_refit_updates": "with --quant-noise-pq-centroids: refit the centroids every this many updates",
+    "pq_refit_updates": "with --quant-noise-pq-centroids (or -schedule): refit the centroids every this many updates",
+    "pq_schedule": "an iPQ schedule or `quant-noise plan` YAML: centroid noise with each layer's own block size and K from it "
+                   "(the compression the model will get); layers it leaves out of PQ get no PQ noise",
     "activations": "fraction of each noised Linear's input fake-quantized to int8 each training forward (running "
                    "min-max range, straight-through): trains for int8 activations",
     "start_update": "no noise before this update (e.g. noise only in the last part of training)",
@@ -42,6 +44,7 @@ class QuantNoiseExtraOptions(FairseqDataclass):
     quant_noise_pq_embeddings: Optional[float] = field(default=None, metadata={"help": HELP["pq_embeddings"]})
     quant_noise_pq_centroids: int = field(default=0, metadata={"help": HELP["pq_centroids"]})
     quant_noise_pq_refit_updates: int = field(default=100, metadata={"help": HELP["pq_refit_updates"]})
+    quant_noise_pq_schedule: Optional[str] = field(default=None, metadata={"help": HELP["pq_schedule"]})
     quant_noise_activations: float = field(default=0.0, metadata={"help": HELP["activations"]})
     quant_noise_start_update: int = field(default=0, metadata={"help": HELP["start_update"]})
     quant_noise_ramp_updates: int = field(default=0, metadata={"help": HELP["ramp_updates"]})
@@ -93,6 +96,7 @@ class CriterionNoiseOptions(FairseqDataclass):
     qn_pq_embeddings: Optional[float] = field(default=None, metadata={"help": HELP["pq_embeddings"]})
     qn_pq_centroids: int = field(default=0, metadata={"help": HELP["pq_centroids"]})
     qn_pq_refit_updates: int = field(default=100, metadata={"help": HELP["pq_refit_updates"]})
+    qn_pq_schedule: Optional[str] = field(default=None, metadata={"help": HELP["pq_schedule"]})
     qn_activations: float = field(default=0.0, metadata={"help": HELP["activations"]})
     qn_start_update: int = field(default=0, metadata={"help": HELP["start_update"]})
     qn_ramp_updates: int = field(default=0, metadata={"help": HELP["ramp_updates"]})

@@ -34,6 +34,7 @@ class QuantNoiseConfig:
     pq_embeddings: Optional[float] = None  # PQ rate of embedding tables and weights tied to them; None: pq
     pq_centroids: int = 0  # 0: dropped blocks are zeroed (the paper's proxy); K: replaced by their nearest of K centroids
     pq_refit_updates: int = 100  # centroid noise: k-means refit interval, in updates
+    pq_schedule: Optional[str] = None  # an iPQ schedule or plan YAML: centroid noise with each layer's own block size and K
     scalar: float = 0.0
     scalar_bits: int = 8
     scalar_per_channel: bool = False
@@ -55,6 +56,11 @@ class QuantNoiseConfig:
                             ("--quant-noise-ramp-updates", self.ramp_updates)):
             if value < 0:
                 raise QuantNoiseError(f"{flag}={value}: must be >= 0")
+        if self.pq_schedule and self.pq_centroids:
+            raise QuantNoiseError(f"--quant-noise-pq-schedule {self.pq_schedule} and --quant-noise-pq-centroids={self.pq_centroids}: "
+                                  f"give one (the schedule sets each layer's K)")
+        if self.pq_schedule and not (self.pq > 0 or (self.pq_embeddings or 0) > 0):
+            raise QuantNoiseError(f"--quant-noise-pq-schedule {self.pq_schedule}: needs a rate, --quant-noise-pq P")
         if self.pq_refit_updates <= 0:
             raise QuantNoiseError(f"--quant-noise-pq-refit-updates={self.pq_refit_updates}: must be positive")
         if self.exclude:
@@ -93,6 +99,7 @@ class QuantNoiseConfig:
             pq_embeddings=None if pq_embeddings is None else float(pq_embeddings),
             pq_centroids=int(get("pq_centroids", 0)),
             pq_refit_updates=int(get("pq_refit_updates", 100)),
+            pq_schedule=get("pq_schedule", None) or None,
             scalar=float(get("scalar", 0.0)),
             scalar_bits=int(get("scalar_bits", 8)),
             scalar_per_channel=bool(get("scalar_per_channel", False)),
@@ -131,11 +138,11 @@ class _Codebooks:
         self.cfg, self.clock = cfg, clock
         self.fitted: Dict[int, Tuple[Tensor, int]] = {}
 
-    def centroids(self, weight: Tensor) -> Tensor:
+    def centroids(self, weight: Tensor, block_size: int, n_centroids: int) -> Tensor:
         entry = self.fitted.get(id(weight))
         if entry is None or self.clock.update - entry[1] >= self.cfg.pq_refit_updates or self.clock.update < entry[1]:
-            blocks = weight.detach().float().reshape(-1, self.cfg.pq_block_size)
-            result = kmeans(blocks, self.cfg.pq_centroids, n_iter=REFIT_KMEANS_ITERATIONS, seed=0)
+            blocks = weight.detach().float().reshape(-1, block_size)
+            result = kmeans(blocks, n_centroids, n_iter=REFIT_KMEANS_ITERATIONS, seed=0)
             entry = (result.centroids, self.clock.update)
             self.fitted[id(weight)] = entry
         return entry[0]
@@ -176,22 +183,31 @@ def _activation_noise_fn(module: nn.Module, cfg: QuantNoiseConfig, clock: NoiseC
     return noised
 
 
-def _noise_fn(module: nn.Module, cfg: QuantNoiseConfig, pq_rate: float, clock: NoiseClock, codebooks: _Codebooks):
+def _noise_fn(module: nn.Module, cfg: QuantNoiseConfig, pq_rate: float, clock: NoiseClock, codebooks: _Codebooks,
+              block_size: int, n_centroids: int):
     def noised(weight: Optional[Tensor]) -> Optional[Tensor]:
         if not module.training or weight is None:
             return None
         scale = cfg.rate_scale(clock.update)
         if scale <= 0:
             return None
-        if pq_rate > 0 and cfg.pq_centroids:
-            weight = centroid_noise(weight, pq_rate * scale, codebooks.centroids(weight))
+        if pq_rate > 0 and n_centroids:
+            weight = centroid_noise(weight, pq_rate * scale, codebooks.centroids(weight, block_size, n_centroids))
         elif pq_rate > 0:
-            weight = pq_noise(weight, pq_rate * scale, cfg.pq_block_size)
+            weight = pq_noise(weight, pq_rate * scale, block_size)
         if cfg.scalar > 0:
             weight = scalar_noise(weight, cfg.scalar * scale, cfg.scalar_bits, cfg.scalar_per_channel)
         return weight
 
     return noised
+
+
+def schedule_settings(model: nn.Module, path: str) -> Dict[str, Tuple[int, int]]:
+    """(block size, K) of every module an iPQ schedule (or `quant-noise plan`'s YAML) quantizes, tied names included."""
+    from .schedule import load_schedule, plan_schedule
+
+    plans = plan_schedule(load_schedule(path), model, path)
+    return {name: (p.block_size, p.n_centroids) for stage in plans for p in stage.layers for name in p.names}
 
 
 def remove_fairseq_builtin_noise_(model: nn.Module) -> int:
@@ -266,27 +282,33 @@ def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig, within: str = ""
     if not cfg.enabled:
         return []
     rates = {name: rate for name, rate in noise_rates(model, cfg).items() if not within or name == within or name.startswith(within + ".")}
+    settings = {name: (cfg.pq_block_size, cfg.pq_centroids) for name in rates}
+    if cfg.pq_schedule:  # each layer the schedule quantizes: its block size and K; the others: no PQ noise
+        planned = schedule_settings(model, cfg.pq_schedule)
+        settings = {name: planned.get(name, (cfg.pq_block_size, 0)) for name in rates}
+        rates = {name: rate if name in planned else 0.0 for name, rate in rates.items()}
     names = [name for name, rate in rates.items() if rate > 0 or cfg.scalar > 0]  # weight noise
     modules = dict(model.named_modules())
     for name in names:
         weight = modules[name].weight
         cols = weight.shape[-1]
-        if rates[name] > 0 and cols % cfg.pq_block_size:
+        block_size, n_centroids = settings[name]
+        if rates[name] > 0 and cols % block_size:
             raise QuantNoiseError(
-                f"--quant-noise-pq-block-size={cfg.pq_block_size} does not divide the input dimension of "
+                f"--quant-noise-pq-block-size={block_size} does not divide the input dimension of "
                 f"layer {name} (weight shape {tuple(weight.shape)}); pick a divisor or exclude it "
                 f"with --quant-noise-exclude"
             )
-        if rates[name] > 0 and cfg.pq_centroids > weight.numel() // cfg.pq_block_size:
+        if rates[name] > 0 and n_centroids > weight.numel() // block_size:
             raise QuantNoiseError(
-                f"--quant-noise-pq-centroids={cfg.pq_centroids}: layer {name} (weight shape {tuple(weight.shape)}) has only "
-                f"{weight.numel() // cfg.pq_block_size} blocks of {cfg.pq_block_size}"
+                f"--quant-noise-pq-centroids={n_centroids}: layer {name} (weight shape {tuple(weight.shape)}) has only "
+                f"{weight.numel() // block_size} blocks of {block_size}"
             )
     clock = NoiseClock()
     codebooks = _Codebooks(cfg, clock)
     for name in names:
         module = modules[name]
-        add_weight_fn(module, _noise_fn(module, cfg, rates[name], clock, codebooks))
+        add_weight_fn(module, _noise_fn(module, cfg, rates[name], clock, codebooks, *settings[name]))
         module.set_num_updates = clock.set_num_updates
     noised_inputs = [name for name in rates if isinstance(modules[name], nn.Linear)] if cfg.activations > 0 else []
     for name in noised_inputs:
@@ -298,6 +320,10 @@ def apply_quant_noise_(model: nn.Module, cfg: QuantNoiseConfig, within: str = ""
     extras = [f"embeddings pq={cfg.pq_embeddings}"] if cfg.pq_embeddings is not None else []
     if cfg.pq_centroids:
         extras.append(f"centroid noise K={cfg.pq_centroids}, refit every {cfg.pq_refit_updates} updates")
+    if cfg.pq_schedule:
+        planned = sorted({settings[n] for n in names if rates[n] > 0})
+        extras.append(f"centroid noise per layer from {cfg.pq_schedule} on {sum(rates[n] > 0 for n in names)} layers "
+                      f"(block x K: {', '.join(f'{b}x{k}' for b, k in planned)}), refit every {cfg.pq_refit_updates} updates")
     if cfg.activations:
         extras.append(f"activations {cfg.activations} (int8) on {len(noised_inputs)} Linear inputs")
     if cfg.start_update or cfg.ramp_updates:

@@ -8,7 +8,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import ipq_train, run
+from conftest import TINY_LM, run, train_lm
 from quant_noise_plugin.budget import (
     BudgetError, Choice, Plan, Setting, WeightMenu, _carry_rises, allocate, measure_menus, parse_size, schedule_text,
     setting_bytes, weight_menus,
@@ -153,20 +153,32 @@ def planned_bytes(text):
     return int(header.group(1).replace(",", "")), int(header.group(2).replace(",", ""))
 
 
-def test_plan_lands_on_the_budget_and_the_ipq_task_runs_it(lm_data, dense_lm, tmp_path):
+def test_plan_lands_on_the_budget(lm_data, dense_lm, tmp_path):
     plan = tmp_path / "plan.yaml"
-    out = run(["quant-noise", "plan", dense_lm, "--target-ratio", "12", "--calibrate", lm_data, "--calibration-batches", "2",
+    out = run(["quant-noise", "plan", dense_lm, "--target-size", "60KB", "--calibrate", lm_data, "--calibration-batches", "2",
                "--updates", "4", "-o", plan]).output
     assert "weights in PQ" in out
     predicted, target = planned_bytes(plan.read_text())
-    assert 0.99 * target <= predicted <= target
+    assert target == 60000 and 0.99 * target <= predicted <= target
     schedule = load_schedule(plan)
-    assert schedule.total_updates == 4 and schedule.objective == "output"
+    assert schedule.total_updates == 4 and schedule.objective == "output" and schedule.final_scalar_bits == 8
+
+
+def test_the_ipq_task_plans_for_a_target_runs_it_and_a_resumed_run_keeps_the_plan(lm_data, dense_lm, tmp_path):
     save = tmp_path / "ipq"
-    ipq_train(lm_data, save, dense_lm, plan, max_update=4)
+    first = train_lm(lm_data, save, "--task", "ipq_language_modeling", "--ipq-target-size", "x12", "--finetune-from-model", dense_lm,
+                     "--arch", "qn_transformer_lm", *TINY_LM, "--lr", "0.0005", "--ipq-calibration-batches", "2", max_update=4).output
+    assert "ipq: --ipq-target-size x12: planned" in first
+    planned = save / "ipq_plan.yaml"
+    predicted, target = planned_bytes(planned.read_text())
+    assert load_schedule(planned).total_updates == 4
     packed = tmp_path / "packed.pt"
     run(["quant-noise", "pack", save / "checkpoint_last.pt", packed])  # final_scalar_bits 8 from the plan
     assert abs(packed.stat().st_size - target) <= 0.02 * target, (packed.stat().st_size, target)
+    text = planned.read_text()
+    resumed = train_lm(lm_data, save, "--task", "ipq_language_modeling", "--ipq-target-size", "x12", "--finetune-from-model", dense_lm,
+                       "--arch", "qn_transformer_lm", *TINY_LM, "--lr", "0.0005", max_update=5).output
+    assert "the plan of the first run" in resumed and planned.read_text() == text
 
 
 @pytest.mark.parametrize("flag, value", [("--target-size", "1KB"), ("--target-ratio", "1.5")])

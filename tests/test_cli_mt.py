@@ -57,3 +57,15 @@ def test_qn_criterion_gives_noise_to_fairseqs_transformer(tiny_data, tmp_path):
                   "--criterion", "qn_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--quant-noise-pq", "0.2",
                   "--quant-noise-pq-block-size", "8", "--max-update", "2", "--save-dir", tmp_path])
     assert result.output.count("quant-noise: pq=0.2 (block 8)") == 1
+
+
+def test_plan_meets_its_budget_on_a_translation_model(mt_dense, tmp_path):
+    import re
+
+    data, dense = mt_dense
+    plan = tmp_path / "plan.yaml"
+    run(["quant-noise", "plan", dense, "--target-ratio", "10", "--calibrate", data, "--calibration-batches", "2", "--updates", "4", "-o", plan])
+    text = plan.read_text()
+    predicted, target = (int(g.replace(",", "")) for g in re.search(r"a packed file of ([\d,]+) bytes predicted for a target of ([\d,]+)", text).groups())
+    assert 0.99 * target <= predicted <= target
+    assert "encoder" in text and "decoder" in text  # both sides planned

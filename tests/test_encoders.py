@@ -128,6 +128,19 @@ def test_masked_lm_then_classification_then_ipq_then_validate(encoder_runs, tmp_
     assert validate(cls, dense) == pytest.approx(validate(cls, packed, "--user-dir", PLUGIN), abs=1e-6)  # stock fairseq
 
 
+def test_plan_meets_its_budget_on_a_classifier(encoder_runs, tmp_path):
+    import re
+
+    root, cls, _ = encoder_runs
+    plan = tmp_path / "plan.yaml"
+    run(["quant-noise", "plan", root / "cls" / "checkpoint_last.pt", "--target-ratio", "10", "--calibrate", cls, "--calibration-batches", "2",
+         "--updates", "4", "-o", plan])
+    text = plan.read_text()
+    predicted, target = (int(g.replace(",", "")) for g in re.search(r"a packed file of ([\d,]+) bytes predicted for a target of ([\d,]+)", text).groups())
+    assert 0.99 * target <= predicted <= target
+    assert "classification_heads" in text  # the head is planned with the encoder
+
+
 HUB = """
 import sys, torch
 from fairseq.models.roberta import RobertaModel

@@ -226,3 +226,33 @@ def test_fused_noise_is_the_reference_noise_for_the_same_generator_state():
         assert torch.equal(fused, reference), (p, bits, per_channel)
         (grad,) = torch.autograd.grad(fused.sum(), w)
         assert torch.equal(grad, torch.ones_like(w))  # straight-through
+
+
+def test_centroid_noise_takes_each_layers_block_size_and_k_from_a_schedule(tmp_path):
+    """--quant-noise-pq-schedule: the noise of the compression each layer will get; layers the schedule leaves out get none."""
+    import quant_noise_plugin.quant_noise as qn
+    from test_schedule import TinyLM
+
+    schedule = tmp_path / "plan.yaml"
+    schedule.write_text("defaults:\n  Linear: {block_size: 4, n_centroids: 8}\nstages:\n"
+                        "  - name: ffn\n    layers: 'decoder\\.layers\\.\\d+\\.fc1'\n    updates: 1\n"
+                        "    per_layer:\n      - {layers: 'decoder\\.layers\\.1\\.fc1', block_size: 8, n_centroids: 4}\n")
+    torch.manual_seed(0)
+    model = TinyLM()
+    apply_quant_noise_(model, QuantNoiseConfig(pq=0.5, pq_schedule=str(schedule)))
+    fits = []
+    real = qn.kmeans
+    qn.kmeans = lambda points, k, **kw: fits.append((tuple(points.shape), k)) or real(points, k, **kw)
+    layers = model.decoder.layers
+    try:
+        model.train()
+        x = torch.randn(3, 16)
+        for layer in layers:
+            layer.fc1(x)
+    finally:
+        qn.kmeans = real
+    assert fits == [((32 * 16 // 4, 4), 8), ((32 * 16 // 8, 8), 4)]  # layer 0: the stage's 4 x 8; layer 1: its own 8 x 4
+    y = torch.randn(3, 32)
+    assert torch.equal(layers[0].fc2(y), torch.nn.functional.linear(y, layers[0].fc2.weight, layers[0].fc2.bias))  # left out: no noise
+    with pytest.raises(ValueError, match="--quant-noise-pq-schedule .* and --quant-noise-pq-centroids=16: give one"):
+        apply_quant_noise_(TinyLM(), QuantNoiseConfig(pq=0.5, pq_schedule=str(schedule), pq_centroids=16))

@@ -38,6 +38,8 @@ from ..sizes import dense_fp32_bytes, size_rows
 
 logger = logging.getLogger(__name__)
 
+PLAN_FILE = "ipq_plan.yaml"  # --ipq-target-size: the planned schedule, beside the run's checkpoints
+
 
 def training_batches(task, model: torch.nn.Module, n_batches: int, max_tokens: int = 2048, seed: int = 1) -> list:
     """The first ``n_batches`` shuffled batches of ``task``'s training split (loaded): calibration data, the same
@@ -69,6 +71,11 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 @dataclass
 class IPQOptions(FairseqDataclass):
     ipq_config: Optional[str] = field(default=None, metadata={"help": "YAML iPQ schedule (see configs/ipq/)"})
+    ipq_target_size: Optional[str] = field(
+        default=None, metadata={"help": "instead of --ipq-config: the packed file's size (200KB, 0.2MB) or ratio to fp32 (x40); "
+                                        "`quant-noise plan` runs at the start on --finetune-from-model's weights and writes "
+                                        "SAVE_DIR/ipq_plan.yaml, which a resumed run reuses"}
+    )
     ipq_kmeans_backend: str = field(default="auto", metadata={"help": "k-means backend: auto, faiss or torch"})
     ipq_calibration_batches: int = field(
         default=32, metadata={"help": "training batches (2048 tokens) whose layer inputs weigh the k-means of 'objective: activations' stages"}
@@ -83,6 +90,7 @@ class IPQOptions(FairseqDataclass):
     restore_file: str = II("checkpoint.restore_file")
     reset_optimizer: bool = II("checkpoint.reset_optimizer")
     save_dir: str = II("checkpoint.save_dir")
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
 
 
 class IPQTaskMixin:
@@ -123,17 +131,21 @@ class IPQTaskMixin:
                 f"--arch {arch}: iPQ needs a plugin architecture so that fairseq tools can reload the compressed "
                 f"checkpoint; use --arch qn_{arch} (same parameters: {arch} checkpoints load into it)"
             )
-        if not self.ipq_cfg.ipq_config:
-            raise ScheduleError(f"--task {self.task_name}: --ipq-config SCHEDULE.yaml is required for training")
+        if self.ipq_cfg.ipq_config and self.ipq_cfg.ipq_target_size:
+            raise ScheduleError(f"--ipq-config {self.ipq_cfg.ipq_config} and --ipq-target-size {self.ipq_cfg.ipq_target_size}: give one (a target plans its own schedule)")
+        if not self.ipq_cfg.ipq_config and not self.ipq_cfg.ipq_target_size:
+            raise ScheduleError(f"--task {self.task_name}: --ipq-config SCHEDULE.yaml (or --ipq-target-size SIZE) is required for training")
         self._check_run_flags()
         self._check_ipq_flags()
-        self.ipq_schedule = load_schedule(self.ipq_cfg.ipq_config)
+        schedule_path = self.ipq_cfg.ipq_config or self._planned_schedule(model, cfg)
+        self.ipq_schedule = load_schedule(schedule_path)
         total = self.ipq_schedule.total_updates
         if not self.ipq_cfg.max_update:
-            raise ScheduleError(f"{self.ipq_cfg.ipq_config}: the schedule needs {total} updates: set --max-update {total}")
+            raise ScheduleError(f"{schedule_path}: the schedule needs {total} updates: set --max-update {total}")
         if self.ipq_cfg.max_update < total:
             logger.warning("--max-update %d stops before the schedule's %d updates; rerun with --max-update %d to finish", self.ipq_cfg.max_update, total, total)
-        self.ipq_plans = plan_schedule(self.ipq_schedule, model, self.ipq_cfg.ipq_config)
+        self.ipq_schedule_path = schedule_path
+        self.ipq_plans = plan_schedule(self.ipq_schedule, model, schedule_path)
         for stage in self.ipq_plans:
             for plan in stage.layers:
                 attach_pq_plan(model, plan)
@@ -146,6 +158,46 @@ class IPQTaskMixin:
                 stage.start_update + stage.updates - 1, len(stage.layers), ", ".join(p.name for p in stage.layers),
             )
         return model
+
+    def _planned_schedule(self, model, model_cfg) -> str:
+        """--ipq-target-size: the schedule `quant-noise plan` makes for the target from the weights of
+        --finetune-from-model, written as SAVE_DIR/ipq_plan.yaml (rank 0; the other ranks wait and read it). A resumed
+        run (the file exists) reuses it, so its stages stay the ones the first run started."""
+        from ..atomic import atomic_file
+        from ..budget import parse_target, plan_schedule_for_budget
+        from ..checkpoints import read_checkpoint
+
+        path = os.path.join(self.ipq_cfg.save_dir, PLAN_FILE)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if os.path.exists(path):
+            logger.info("ipq: --ipq-target-size %s: the plan of the first run, %s", self.ipq_cfg.ipq_target_size, path)
+            return path
+        source = self.ipq_cfg.finetune_from_model
+        if not source:
+            raise ScheduleError(f"--ipq-target-size {self.ipq_cfg.ipq_target_size}: the plan is measured on the weights to compress: "
+                                f"add --finetune-from-model DENSE.pt")
+        if not distributed or torch.distributed.get_rank() == 0:
+            start = time.perf_counter()
+            state = read_checkpoint(source)
+            model.load_state_dict(state["model"], strict=True, model_cfg=model_cfg)  # fairseq loads them again after this
+            target = parse_target(self.ipq_cfg.ipq_target_size, dense_fp32_bytes(model))
+            if "train" not in self.datasets:
+                self.load_dataset("train", combine=False)
+            # the run's own criterion: its config is the training config's (the task's is a node of it, as II() reads)
+            criterion = self.build_criterion(self.ipq_cfg._get_root().criterion)
+            batches = training_batches(self, model, min(8, max(1, self.ipq_cfg.ipq_calibration_batches)))
+            plan, text = plan_schedule_for_budget(
+                model, state, batches, lambda sample: criterion(model, sample), target, updates=self.ipq_cfg.max_update or 500,
+                title=f"Planned by --ipq-target-size {self.ipq_cfg.ipq_target_size} from {os.path.basename(source)}",
+            )
+            os.makedirs(self.ipq_cfg.save_dir, exist_ok=True)
+            with atomic_file(path) as tmp:
+                tmp.write_text(text)
+            logger.info("ipq: --ipq-target-size %s: planned %s, packed file %d bytes predicted for a target of %d, %.1f s",
+                        self.ipq_cfg.ipq_target_size, path, plan.predicted_file_bytes, target, time.perf_counter() - start)
+        if distributed:
+            torch.distributed.barrier()
+        return path
 
     @property
     def task_name(self) -> str:
