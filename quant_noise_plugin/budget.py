@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .bitpack import bits_for
 from .calibration import collect_input_moments
-from .compressed import _refresh_fitted_flag, attach_pq_plan, scalar_quantize_remaining_
+from .compressed import attach_pq_plan, mark_fitted, scalar_quantize_remaining_
 from .errors import QuantNoiseError
 from .packing import predicted_file
 from .pq import PQCodebook
@@ -204,17 +204,56 @@ def weight_menus(model: nn.Module, scalar_bits: Optional[int] = 8, block_sizes: 
     return menus
 
 
+SENSITIVITIES = ("measured", "fisher")
+
+
+def gradient_squares(model: nn.Module, menus: Sequence[WeightMenu], batches: Sequence[Any], run: Callable[[Any], Any]) -> Dict[str, Tensor]:
+    """Per weight, the mean over batches of the squared gradient of the loss per counted output: the diagonal of the
+    empirical Fisher, the curvature estimate of the ``fisher`` sensitivity (SqueezeLLM's, HAWQ-style). One backward
+    pass per batch for every weight at once. The model's own gradients are left as they were."""
+    weights = {m.name: model.get_submodule(m.name)._parameters["weight"] for m in menus}
+    targets = {id(w) for w in weights.values()}
+    saved = [(p, p.grad, p.requires_grad) for p in model.parameters()]
+    squares = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    try:
+        for p, _, _ in saved:  # gradients of the weights planned only
+            p.requires_grad_(id(p) in targets)
+        with torch.enable_grad():
+            for batch in batches:
+                for w in weights.values():
+                    w.grad = None
+                loss, sample_size = run(batch)[:2]
+                (loss / max(float(sample_size), 1.0)).backward()
+                for name, w in weights.items():
+                    if w.grad is not None:
+                        squares[name] += w.grad.detach().float() ** 2 / len(batches)
+    finally:
+        for p, grad, requires in saved:
+            p.grad = grad
+            p.requires_grad_(requires)
+    return squares
+
+
 @torch.no_grad()
 def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[Any], run: Callable[[Any], Any],
                   scalar_bits: Optional[int] = 8, reference_bits: float = 1.0, measure_all: bool = False, n_iter: int = 10,
-                  seed: int = 0, backend: str = "auto", progress: Optional[Callable[[str], None]] = None) -> float:
+                  seed: int = 0, backend: str = "auto", progress: Optional[Callable[[str], None]] = None,
+                  sensitivity: str = "measured") -> float:
     """Fill each menu's errors and loss rises; returns the model's calibration loss. ``run(batch)`` returns the
-    criterion's (loss, sample_size, ...). The model runs in eval mode; its weights are back as they were on return."""
+    criterion's (loss, sample_size, ...). The model runs in eval mode; its weights are back as they were on return.
+
+    ``sensitivity``: ``measured`` (the rise measured at one reference setting per weight, carried to the others by
+    their activation-weighted error; ``measure_all``: measured at every setting) or ``fisher`` (no loss measured per
+    weight: the rise of each setting estimated as 1/2 sum F dW^2 with F the squared gradients, ``gradient_squares``;
+    one backward pass per batch in all, for models too large to run the batches once per weight)."""
+    if sensitivity not in SENSITIVITIES:
+        raise BudgetError(f"--sensitivity {sensitivity}: use {', '.join(SENSITIVITIES)}")
     moments = collect_input_moments(model, {m.name: m.names for m in menus}, batches, run)
     was_training = model.training
     model.eval()
     try:
         base = calibration_loss(batches, run)
+        fisher = gradient_squares(model, menus, batches, run) if sensitivity == "fisher" else None
         generator = torch.Generator().manual_seed(seed)
         for menu in menus:
             weight = model.get_submodule(menu.name)._parameters["weight"].detach().float()
@@ -226,11 +265,19 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
             rows = max(1, min(weight.shape[0], math.ceil(SAMPLE_WEIGHTS / max(1, weight[0].numel()))))
             picked = torch.randperm(weight.shape[0], generator=generator)[:rows].sort().values
             sample, sample_importance = weight[picked], importance[picked].contiguous()
+            sample_fisher = None if fisher is None else fisher[menu.name][picked]
             for choice in menu.choices:
                 approx = quantized(sample, choice.setting, scalar_bits, sample_importance, n_iter, seed, backend)
                 choice.error = float((sample_importance * (sample - approx) ** 2).sum())
+                if sample_fisher is not None:  # the sampled rows' estimate, scaled to the whole weight
+                    choice.rise = 0.5 * float((sample_fisher * (sample - approx) ** 2).sum()) * weight.shape[0] / sample.shape[0]
             if any(c.setting.is_pq for c in menu.choices):
                 menu.reference = _reference([c.setting for c in menu.choices], reference_bits)
+            if fisher is not None:
+                menu.measured_rise = next(c.rise for c in menu.choices if c.setting == menu.reference)
+                if progress:
+                    progress(f"{menu.name}: estimated loss rise {menu.measured_rise:+.4f} at {menu.reference.label(scalar_bits)} (fisher)")
+                continue
             for choice in menu.choices if measure_all else [c for c in menu.choices if c.setting == menu.reference]:
                 approx = quantized(weight, choice.setting, scalar_bits, importance, n_iter, seed, backend)
                 with _weight_replaced(model, menu.name, approx):
@@ -241,7 +288,7 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
                 progress(f"{menu.name}: loss rise {menu.measured_rise:+.4f} at {menu.reference.label(scalar_bits)}")
     finally:
         model.train(was_training)
-    if not measure_all:
+    if not measure_all and fisher is None:
         _carry_rises(menus)
     return base
 
@@ -301,8 +348,7 @@ def planned_model(model: nn.Module, menus: Sequence[WeightMenu], picks: Sequence
         if choice.setting.is_pq:
             codebook = attach_pq_plan(planned, LayerPlan(menu.names, menu.kind, menu.shape, choice.setting.block_size,
                                                          choice.setting.n_centroids))
-            codebook.fitted.fill_(True)
-            _refresh_fitted_flag(codebook)
+            mark_fitted(codebook)
     if scalar_bits:
         scalar_quantize_remaining_(planned, scalar_bits)
     return planned
@@ -451,8 +497,8 @@ def check_schedule_text(text: str, plan: Plan, model: nn.Module) -> None:
 def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[Any], run: Callable[[Any], Any], target_bytes: int,
                              scalar_bits: Optional[int] = 8, objective: str = "output", updates: int = 500,
                              block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
-                             measure_all: bool = False, title: str = "",
-                             progress: Optional[Callable[[str], None]] = None) -> tuple:
+                             measure_all: bool = False, title: str = "", progress: Optional[Callable[[str], None]] = None,
+                             sensitivity: str = "measured") -> tuple:
     """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
     text). The target is checked against what the menus reach before anything is measured."""
     menus = weight_menus(model, scalar_bits, block_sizes, centroid_counts)
@@ -460,7 +506,7 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
     n_weights = sum(math.prod(m.shape) for m in menus)
     # the proxy is anchored near the budget's mean bits per weight (at most 2: a rise large enough to read)
     reference_bits = min(2.0, max(0.25, 8 * target_bytes / n_weights))
-    base = measure_menus(model, menus, batches, run, scalar_bits, reference_bits, measure_all, progress=progress)
+    base = measure_menus(model, menus, batches, run, scalar_bits, reference_bits, measure_all, progress=progress, sensitivity=sensitivity)
     plan = plan_budget(model, state, menus, target_bytes, scalar_bits, base, len(batches))
     return plan, schedule_text(plan, model, updates=updates, objective=objective, title=title)
 

@@ -407,7 +407,7 @@ def cmd_plan(args) -> int:
     title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
     plan, text = plan_schedule_for_budget(model, state, batches, lambda sample: criterion(model, sample), target, scalar_bits,
                                           args.objective, args.updates, args.block_sizes, args.centroids, args.measure_all,
-                                          title, progress=logger.info)
+                                          title, progress=logger.info, sensitivity=args.sensitivity)
     with atomic_file(args.output) as tmp:
         tmp.write_text(text)
     seconds = time.perf_counter() - start
@@ -477,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="centroid counts to choose from (default 4 8 ... 256)")
     p.add_argument("--measure-all", action="store_true", help="measure the loss rise of every setting of every layer "
                    "(slow; default: measured at one setting per layer, carried to the others by their activation-weighted error)")
+    p.add_argument("--sensitivity", choices=("measured", "fisher"), default="measured",
+                   help="measured (default: the calibration batches run once per layer) or fisher (one backward pass per batch "
+                        "in all: each setting's rise estimated from squared gradients; for models too large for the former)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("pack", help="inference-only checkpoint: bit-packed codes, fp16/int8 rest")

@@ -82,6 +82,12 @@ def attach_pq_plan(model: nn.Module, plan: LayerPlan) -> PQCodebook:
     return codebook
 
 
+def mark_fitted(codebook: PQCodebook) -> None:
+    """Count a codebook as fitted without k-means (sizes and formats only: its codes and centroids stay as they are)."""
+    codebook.fitted.fill_(True)
+    _refresh_fitted_flag(codebook)
+
+
 @torch.no_grad()
 def fit_pq(model: nn.Module, plan: LayerPlan, n_iter: int, seed: int, backend: str = "auto",
            importance: Optional[torch.Tensor] = None, hessian: Optional[torch.Tensor] = None,

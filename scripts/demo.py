@@ -47,11 +47,17 @@ def main(argv=None) -> None:
           f"{runner.budget(task, mode)} updates", flush=True)
     dense = runner.train(task, mode)
 
-    schedule = runner.schedule(task, ipq_column)
-    print(f"\n== 3/5 iPQ: {schedule.relative_to(REPO)}", flush=True)
-    if not args.dry_run:
-        sh(["quant-noise", "schedule", dense, schedule])
+    target = getattr(runner.preset, task).targets.get(ipq_column)
+    schedule = runner.schedule(task, ipq_column, mode)
+    if target:  # the iPQ task plans its schedule for the size (quant-noise plan), then runs it
+        print(f"\n== 3/5 iPQ to a size: --ipq-target-size {target} (the schedule planned at the run's start: {shown(schedule)})", flush=True)
+    else:
+        print(f"\n== 3/5 iPQ: {schedule.relative_to(REPO)}", flush=True)
+        if not args.dry_run:
+            sh(["quant-noise", "schedule", dense, schedule])
     compressed = runner.ipq(task, mode, ipq_column)
+    if target and not args.dry_run:
+        sh(["quant-noise", "schedule", dense, schedule])  # what the planner chose, per layer
 
     print("\n== 4/5 pack, then fairseq-eval-lm on the test split: dense, compressed, packed", flush=True)
     dense_fp32 = runner.compressed(task, mode, dense_column)  # the dense model as an inference-only fp32 checkpoint

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from conftest import TINY_LM, run, train_lm
@@ -13,7 +12,7 @@ from quant_noise_plugin.budget import (
     BudgetError, Choice, Plan, Setting, WeightMenu, _carry_rises, allocate, measure_menus, parse_size, schedule_text,
     setting_bytes, weight_menus,
 )
-from quant_noise_plugin.schedule import load_schedule, plan_schedule, schedule_from_dict
+from quant_noise_plugin.schedule import load_schedule, plan_schedule
 from test_schedule import TinyLM
 
 
@@ -189,3 +188,23 @@ def test_an_unreachable_budget_is_a_one_line_error_with_the_reachable_sizes(lm_d
     assert re.fullmatch(r"quant-noise plan: error: target [\d.]+ MB is out of reach: this model's packed file can be [\d.]+ MB "
                         r"\(every weight at its coarsest setting\) to [\d.]+ MB \(int8, no PQ\)", line), line
     assert not (tmp_path / "plan.yaml").exists()
+
+
+def test_fisher_sensitivity_estimates_the_measured_rises_in_one_backward_pass_per_batch():
+    model = Regression()
+    with torch.no_grad():
+        batches = [(x, model(x) + 0.01 * torch.randn(64, 8)) for x in (torch.randn(64, 16) for _ in range(3))]
+    run_batch = lambda b: (((model(b[0]) - b[1]) ** 2).sum(), b[0].shape[0])  # noqa: E731
+    fisher = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
+    measured = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
+    measure_menus(model, fisher, batches, run_batch, 8, sensitivity="fisher")
+    measure_menus(model, measured, batches, run_batch, 8, measure_all=True)
+    assert all(p.grad is None for p in model.parameters())  # the model's own gradients untouched
+    estimated = [c.rise for m in fisher for c in m.choices]
+    exact = [c.rise for m in measured for c in m.choices]
+    assert all(r >= 0 for r in estimated) and max(estimated) > 0
+    # the same order of settings as the measurement (rank correlation), the coarsest costing most
+    rank = lambda v: torch.tensor(v).argsort().argsort().float()  # noqa: E731
+    assert torch.corrcoef(torch.stack([rank(estimated), rank(exact)]))[0, 1] > 0.8
+    with pytest.raises(BudgetError, match="--sensitivity hessian: use measured, fisher"):
+        measure_menus(model, fisher, batches, run_batch, 8, sensitivity="hessian")

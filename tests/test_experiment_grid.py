@@ -68,7 +68,7 @@ def test_a_row_is_a_yaml_edit(tmp_path):
 
 def test_demo_and_its_preset_build_the_same_commands(tmp_path):
     """`make demo`'s script and the reproduction of the demo's row print the same fairseq/quant-noise command lines:
-    the demo's runs are the frontier's (annealed preset, the centroid-noise row, its x50 schedule)."""
+    the demo's runs are the frontier's (annealed preset, the centroid-noise row), compressed to a size by the planner."""
     common = ["--data", tmp_path / "data", "--work", tmp_path / "work", "--dry-run"]
     demo = run([sys.executable, REPO / "scripts/demo.py", *common]).output
     grid = load_grid()
@@ -82,7 +82,8 @@ def test_demo_and_its_preset_build_the_same_commands(tmp_path):
     assert f"--max-update {grid.presets[experiment.preset].lm.updates}" in train and "--quant-noise-pq 0.1 --quant-noise-pq-centroids 16" in train
     assert "--lr-scheduler polynomial_decay" in train and "--patience 2" in train  # the preset's schedule, not a demo-only one
     ipq = [line for line in commands[0] if "--task ipq_language_modeling" in line][0]
-    assert "qn_transformer_lm_demo_x50_out.yaml" in ipq and "checkpoint_best.pt" in ipq
+    target = grid.presets[experiment.preset].lm.targets[columns[1]]
+    assert f"--ipq-target-size {target}" in ipq and "--ipq-config" not in ipq and "checkpoint_best.pt" in ipq  # the planner's
 
 
 def test_demo_script_end_to_end_on_the_smoke_preset(tiny_data, tmp_path):
@@ -94,6 +95,7 @@ def test_demo_script_end_to_end_on_the_smoke_preset(tiny_data, tmp_path):
     assert len(rows) == 3 and all(float(r[3]) > 1 for r in rows)  # dense fp32, iPQ training checkpoint, packed
     dense_mb, packed_mb = float(rows[0][2].split()[0]), float(rows[2][2].split()[0])
     assert packed_mb < dense_mb / 2 and "preset smoke" in summary
+    assert "planned" in out and "ipq_plan.yaml" in out  # the iPQ run planned for its target, then ran the plan
     again = run([sys.executable, REPO / "scripts/demo.py", "--preset", "smoke", "--data", tiny_data, "--work", tmp_path / "work"]).output
     assert "--task language_modeling" not in again and "[done]" in again  # a rerun reuses the finished runs
 

@@ -39,7 +39,8 @@ def cell(runner: Runner, cells: Cells, task: str, mode: str, column: str, comman
               "checkpoint": str(path.relative_to(runner.work)), "train_updates": runner.total_budget(task, mode),
               "device": device_name(runner.device), "command": command, "commit": commit()}
     method = column.partition("+")[0]
-    if method in getattr(runner.preset, task).schedules or method.startswith(PLAN_PREFIX):
+    spec = getattr(runner.preset, task)
+    if method in spec.schedules or method in spec.targets or method.startswith(PLAN_PREFIX):
         result["ipq_updates"] = runner.ipq_updates(task, method)
     result.update(evaluate(runner, task, path))
     cells.put(task, mode, column, identity, result)

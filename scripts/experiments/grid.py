@@ -60,6 +60,9 @@ class TaskPreset:
     arch: List[str] = MISSING
     updates: int = MISSING
     schedules: Dict[str, str] = field(default_factory=dict)  # column name -> iPQ schedule YAML (repository-relative)
+    # column name -> a size target (`--ipq-target-size`: the iPQ task plans its own schedule), run for target_updates
+    targets: Dict[str, str] = field(default_factory=dict)
+    target_updates: int = 500
     pretrain_updates: int = 0  # cls: masked-LM pretraining of the encoder on the LM data
     pretrain_lr: Optional[float] = None  # cls: its peak learning rate (default: runs.PRETRAIN_LR)
     max_positions: int = 128  # cls: sequence length
@@ -153,12 +156,14 @@ class Grid:
         schedules = getattr(self.presets[preset], task).schedules
         if method == "fp32" or method in self.packings:
             ok = not suffix
-        elif method.startswith(PLAN_PREFIX):  # plan_<schedule column>: `quant-noise plan` at that column's bytes
-            ok = method[len(PLAN_PREFIX):] in schedules and not suffix
+        elif method.startswith(PLAN_PREFIX) and method[len(PLAN_PREFIX):] in schedules:  # `quant-noise plan` at that column's bytes
+            ok = not suffix
+        elif method in getattr(self.presets[preset], task).targets:
+            ok = not suffix
         else:
             ok = method in schedules and (not suffix or (suffix in self.packings and self.packings[suffix].after_ipq))
         if not ok:
-            known = ["fp32", *self.packings, *schedules, *(PLAN_PREFIX + s for s in schedules), *(f"{s}+{p}" for s in schedules for p, k in self.packings.items() if k.after_ipq)]
+            known = ["fp32", *self.packings, *schedules, *(PLAN_PREFIX + s for s in schedules), *getattr(self.presets[preset], task).targets, *(f"{s}+{p}" for s in schedules for p, k in self.packings.items() if k.after_ipq)]
             raise GridError(f"unknown column {column!r} for {task} under preset {preset} (known: {', '.join(known)})")
 
     # -- rows ---------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class Runner:
     def schedule(self, task: str, column: str = "ipq", mode: Optional[str] = None) -> Path:
         """The iPQ schedule of a schedule column: --lm-schedule/--mt-schedule/--cls-schedule for "ipq", else the preset's;
         a planned column's (``plan_<twin>``): the YAML `quant-noise plan` wrote for the row's model (``plan_command``)."""
+        if column in getattr(self.preset, task).targets:  # planned by the iPQ run itself, beside its checkpoints
+            return self.ipq_command(task, mode, column)[1] / "ipq_plan.yaml"
         if column.startswith(PLAN_PREFIX):
             return self.plan_command(task, mode, column)[1]
         if column == "ipq" and task in self.overrides:
@@ -55,7 +57,10 @@ class Runner:
         return REPO / getattr(self.preset, task).schedules[column]
 
     def ipq_updates(self, task: str, column: str = "ipq") -> int:
-        """A schedule column's updates (a planned column: its twin's, which the plan splits over its own stages)."""
+        """A schedule column's updates (a planned column: its twin's, which the plan splits over its own stages; a target
+        column: the preset's target_updates)."""
+        if column in getattr(self.preset, task).targets:
+            return getattr(self.preset, task).target_updates
         return schedule_updates(self.schedule(task, column.removeprefix(PLAN_PREFIX)))
 
     def plan_command(self, task: str, mode: str, column: str) -> Tuple[List, Path]:
@@ -161,12 +166,17 @@ class Runner:
 
     def ipq_command(self, task: str, mode: str, column: str = "ipq") -> Tuple[List, Path]:
         """fairseq-train --task ipq_*: the row's trained model through a schedule (plus the row's iPQ-time flags)."""
-        schedule = self.schedule(task, column, mode)
         dense = self.trained(task, mode)
+        target = getattr(self.preset, task).targets.get(column)
+        if target is not None:  # the iPQ task plans for the target at its start (--ipq-target-size)
+            schedule, how, digest = None, ["--ipq-target-size", target], "target"
+        else:
+            schedule = self.schedule(task, column, mode)
+            how = ["--ipq-config", schedule]
+            digest = hashlib.sha256(schedule.read_bytes()).hexdigest() if schedule.exists() else "not planned yet"
         cmd = ["fairseq-train", self.data / task / "bin", *self.grid.tasks[task].ipq, *self.length_flags(task),
-               "--lr", self.grid.tasks[task].ipq_lr, "--ipq-config", schedule, "--finetune-from-model", dense,
+               "--lr", self.grid.tasks[task].ipq_lr, *how, "--finetune-from-model", dense,
                *getattr(self.preset, task).arch, *self.grid.mode(task, mode).ipq_flags, *self.common(self.ipq_updates(task, column))]
-        digest = hashlib.sha256(schedule.read_bytes()).hexdigest() if schedule.exists() else "not planned yet"
         return self._with_save(cmd, f"{dense.parent.name}-ipq", digest)
 
     def _with_save(self, cmd: List, name: str, *extra) -> Tuple[List, Path]:
@@ -243,11 +253,11 @@ class Runner:
     def compressed(self, task: str, mode: str, column: str) -> Path:
         """The column's file: the dense model unpacked to fp32 (what stock fairseq loads), or packed."""
         method = column.partition("+")[0]
-        source, out, flags = self.compressed_path(task, mode, column)
         if method == "fp32" or method in self.grid.packings:
             self.train(task, mode)
         else:
             self.ipq(task, mode, method)
+        source, out, flags = self.compressed_path(task, mode, column)  # after the runs: a planned column's is named by its plan
         cmd = ["quant-noise", "unpack", source, out] if column == "fp32" else ["quant-noise", "pack", source, out, *flags]
         if self.dry_run:
             self.show(cmd)

@@ -1,0 +1,142 @@
+"""The budget planner (`quant-noise plan`): are its cheap sensitivities right, and how long does it take at scale?
+
+Section ``proxy`` (a trained checkpoint, e.g. the frontier's 2 x 128 LM): every (weight, setting) pair's calibration
+loss rise measured directly (``--measure-all``, the ground truth), against the planner's two cheaper estimates:
+``measured`` (measured at one setting per weight, carried to the others by their activation-weighted error) and
+``fisher`` (squared gradients, one backward pass per batch). Reported: the rank correlation of each estimate with the
+truth over all pairs, and what each estimate's plan at ``--target`` bytes costs by the truth's measure (the summed
+measured rise of its picks) against the plan the truth itself makes; and the time each takes.
+
+Section ``paper_scale`` (`benchmarks/bench_paper_scale.py`'s dense 247 M-parameter LM): `quant-noise plan` at x25 with
+the ``fisher`` sensitivity as a user runs it; its wall time and peak memory.
+
+    python benchmarks/bench_plan.py --sections proxy --checkpoint CKPT --data DATA_DIR [--target-size 212KB]
+    python benchmarks/bench_plan.py --sections paper_scale [--paper-scale work_dirs/paper_scale/lm]
+
+Writes results/plan.{md,json} (a section not run keeps its previous results).
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, write_result  # noqa: E402
+
+
+def command() -> str:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from experiments.provenance import portable
+
+    return "python " + portable(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def rank_correlation(a, b) -> float:
+    import torch
+
+    ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def proxy_section(args) -> dict:
+    from quant_noise_plugin.budget import measure_menus, parse_size, plan_budget, weight_menus
+    from quant_noise_plugin.checkpoints import read_checkpoint
+    from quant_noise_plugin.cli import _calibration_batches, _load_model
+
+    state = read_checkpoint(args.checkpoint)
+    model, task = _load_model(state, args.checkpoint, args.data)
+    batches, criterion = _calibration_batches(state, model, task, args.data, args.calibration_batches)
+    run = lambda sample: criterion(model, sample)  # noqa: E731
+    target = parse_size(args.target_size)
+    n_weights = sum(math.prod(m.shape) for m in weight_menus(model))
+    reference_bits = min(2.0, max(0.25, 8 * target / n_weights))
+    menus, seconds = {}, {}
+    for name, kwargs in (("truth", {"measure_all": True}), ("measured", {}), ("fisher", {"sensitivity": "fisher"})):
+        menus[name] = weight_menus(model)
+        start = time.perf_counter()
+        base = measure_menus(model, menus[name], batches, run, 8, reference_bits, **kwargs)
+        seconds[name] = time.perf_counter() - start
+        print(f"{name}: {seconds[name]:.1f} s", flush=True)
+    truth = {(m.name, c.setting): c.rise for m in menus["truth"] for c in m.choices}
+    rows = {}
+    for name in ("truth", "measured", "fisher"):
+        pairs = [(truth[(m.name, c.setting)], c.rise) for m in menus[name] for c in m.choices]
+        plan = plan_budget(model, state, menus[name], target, 8, base, len(batches))
+        true_cost = sum(truth[(m.name, c.setting)] for m, c in zip(plan.menus, plan.picks))
+        rows[name] = {"seconds": seconds[name], "rank_correlation": rank_correlation(*zip(*pairs)),
+                      "plan_file_bytes": plan.predicted_file_bytes, "plan_true_rise": true_cost,
+                      "plan_pq_weights": sum(c.setting.is_pq for c in plan.picks)}
+    return {"command": command(), "checkpoint": os.path.relpath(args.checkpoint, REPO), "target_bytes": target, "calibration_batches": len(batches),
+            "base_loss": base, "pairs": len(truth), "rows": rows}
+
+
+def paper_scale_section(args) -> dict:
+    root = Path(args.paper_scale)
+    dense, data = root / "dense.pt", root / "bin"
+    if not dense.exists():
+        sys.exit(f"{dense}: not here; run benchmarks/bench_paper_scale.py first (it writes the dense LM and its data)")
+    out = Path("/tmp") / f"plan_paper_scale_{os.getpid()}.yaml"
+    cmd = [str(Path(sys.executable).parent / "quant-noise"), "plan", str(dense), "--target-ratio", "25", "--calibrate", str(data),
+           "--data", str(data), "--sensitivity", "fisher", "--calibration-batches", str(args.paper_scale_batches), "-o", str(out)]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    if result.returncode:
+        sys.exit(f"quant-noise plan failed:\n{result.stdout[-4000:]}")
+    line = next(l for l in result.stdout.splitlines() if l.startswith("planned "))
+    out.unlink(missing_ok=True)
+    return {"command": command(), "model": "qn_transformer_lm_wiki103 (random weights, bench_paper_scale.py)", "target": "x25",
+            "calibration_batches": args.paper_scale_batches, "seconds": seconds, "peak_rss_gb": peak,
+            "summary": line.split(": ", 1)[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=("proxy", "paper_scale"), default=["proxy"])
+    parser.add_argument("--checkpoint", help="proxy: a trained (dense or Quant-Noise) checkpoint")
+    parser.add_argument("--data", help="proxy: its binarized data (calibration batches)")
+    parser.add_argument("--target-size", default="212KB", help="proxy: the budget the three plans are made for (default 212KB)")
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--paper-scale", default=str(REPO / "work_dirs" / "paper_scale" / "lm"))
+    parser.add_argument("--paper-scale-batches", type=int, default=2, help="paper_scale: calibration batches of 2048 tokens (default 2)")
+    args = parser.parse_args()
+    previous = RESULTS / "plan.json"
+    data = json.loads(previous.read_text()) if previous.exists() else {}
+    if "proxy" in args.sections:
+        if not (args.checkpoint and args.data):
+            parser.error("--sections proxy needs --checkpoint CKPT and --data DATA_DIR")
+        data["proxy"] = proxy_section(args)
+    if "paper_scale" in args.sections:
+        data["paper_scale"] = paper_scale_section(args)
+    lines = []
+    if "proxy" in data:
+        p = data["proxy"]
+        lines += [f"Sensitivities on `{p['checkpoint']}` ({p['pairs']} weight x setting pairs, {p['calibration_batches']} calibration "
+                  f"batches, loss {p['base_loss']:.4f}); plans for {p['target_bytes']:,} bytes:", "",
+                  "| sensitivity | time (s) | rank correlation with the truth | plan's true summed rise | its file (bytes) | weights in PQ |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, r in p["rows"].items():
+            lines.append(f"| {name}{' (every pair measured)' if name == 'truth' else ''} | {r['seconds']:.1f} | {r['rank_correlation']:.3f} | "
+                         f"{r['plan_true_rise']:+.4f} | {r['plan_file_bytes']:,} | {r['plan_pq_weights']} |")
+    if "paper_scale" in data:
+        q = data["paper_scale"]
+        lines += ["", f"Paper scale: `quant-noise plan` at {q['target']} of {q['model']}, `--sensitivity fisher`, {q['calibration_batches']} "
+                  f"calibration batches: **{q['seconds']:.0f} s**, peak RSS {q['peak_rss_gb']:.1f} GB; {q['summary']}", "",
+                  f"`{q['command']}`"]
+    notes = ("The truth measures each pair's calibration-loss rise with that weight alone quantized; `measured` (the planner's "
+             "default) measures one setting per weight and scales by the activation-weighted error; `fisher` runs one backward "
+             "pass per batch. A plan's true summed rise is the truth's rises summed over the plan's picks (lower is better; "
+             "the truth's own plan is the best any can do by this measure). One run, this machine (2 cores).")
+    write_result("plan", "The budget planner: sensitivities and time", "\n".join(lines), notes, data)
+
+
+if __name__ == "__main__":
+    main()
