@@ -55,11 +55,12 @@ def proxy_section(args) -> dict:
     batches, criterion = _calibration_batches(state, model, task, args.data, args.calibration_batches)
     run = lambda sample: criterion(model, sample)  # noqa: E731
     target = parse_size(args.target_size)
-    n_weights = sum(math.prod(m.shape) for m in weight_menus(model))
+    menu_of = lambda: weight_menus(model, 8, args.block_sizes, args.centroids)  # noqa: E731
+    n_weights = sum(math.prod(m.shape) for m in menu_of())
     reference_bits = min(2.0, max(0.25, 8 * target / n_weights))
     menus, seconds = {}, {}
     for name, kwargs in (("truth", {"measure_all": True}), ("measured", {}), ("fisher", {"sensitivity": "fisher"})):
-        menus[name] = weight_menus(model)
+        menus[name] = menu_of()
         start = time.perf_counter()
         base = measure_menus(model, menus[name], batches, run, 8, reference_bits, **kwargs)
         seconds[name] = time.perf_counter() - start
@@ -73,7 +74,8 @@ def proxy_section(args) -> dict:
         rows[name] = {"seconds": seconds[name], "rank_correlation": rank_correlation(*zip(*pairs)),
                       "plan_file_bytes": plan.predicted_file_bytes, "plan_true_rise": true_cost,
                       "plan_pq_weights": sum(c.setting.is_pq for c in plan.picks)}
-    return {"command": command(), "checkpoint": os.path.relpath(args.checkpoint, REPO), "target_bytes": target, "calibration_batches": len(batches),
+    return {"command": command(), "checkpoint": os.path.relpath(args.checkpoint, REPO), "block_sizes": args.block_sizes,
+            "centroids": args.centroids, "target_bytes": target, "calibration_batches": len(batches),
             "base_loss": base, "pairs": len(truth), "rows": rows}
 
 
@@ -105,6 +107,8 @@ def main() -> None:
     parser.add_argument("--data", help="proxy: its binarized data (calibration batches)")
     parser.add_argument("--target-size", default="212KB", help="proxy: the budget the three plans are made for (default 212KB)")
     parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16], help="proxy: the menu's block sizes (default 8 16)")
+    parser.add_argument("--centroids", type=int, nargs="+", default=[4, 16, 64, 256], help="proxy: its centroid counts (default 4 16 64 256)")
     parser.add_argument("--paper-scale", default=str(REPO / "work_dirs" / "paper_scale" / "lm"))
     parser.add_argument("--paper-scale-batches", type=int, default=2, help="paper_scale: calibration batches of 2048 tokens (default 2)")
     args = parser.parse_args()
@@ -119,7 +123,8 @@ def main() -> None:
     lines = []
     if "proxy" in data:
         p = data["proxy"]
-        lines += [f"Sensitivities on `{p['checkpoint']}` ({p['pairs']} weight x setting pairs, {p['calibration_batches']} calibration "
+        lines += [f"Sensitivities on `{p['checkpoint']}` ({p['pairs']} weight x setting pairs: block sizes {p['block_sizes']}, K "
+                  f"{p['centroids']} or int8; {p['calibration_batches']} calibration "
                   f"batches, loss {p['base_loss']:.4f}); plans for {p['target_bytes']:,} bytes:", "",
                   "| sensitivity | time (s) | rank correlation with the truth | plan's true summed rise | its file (bytes) | weights in PQ |",
                   "|---|---:|---:|---:|---:|---:|"]

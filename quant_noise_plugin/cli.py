@@ -390,6 +390,8 @@ def cmd_plan(args) -> int:
         raise BudgetError(f"--objective {args.objective}: use {', '.join(OBJECTIVES)}")
     if args.updates <= 0:
         raise BudgetError(f"--updates {args.updates}: must be > 0 (the finetuning updates of the whole schedule)")
+    if args.measure_all and args.sensitivity == "fisher":
+        raise BudgetError("--measure-all measures every setting's rise; --sensitivity fisher estimates them instead: give one")
     if args.target_ratio is not None and not args.target_ratio > 1:
         raise BudgetError(f"--target-ratio {args.target_ratio}: must be > 1 (how many times smaller than the fp32 model)")
     for flag, values in (("--block-sizes", args.block_sizes), ("--centroids", args.centroids)):
