@@ -81,9 +81,9 @@ def proxy_section(args) -> dict:
 
 def paper_scale_section(args) -> dict:
     root = Path(args.paper_scale)
-    dense, data = root / "dense.pt", root / "bin"
+    dense, data = root / "train" / "checkpoint_last.pt", root / "bin"  # the trained model, before its iPQ
     if not dense.exists():
-        sys.exit(f"{dense}: not here; run benchmarks/bench_paper_scale.py first (it writes the dense LM and its data)")
+        sys.exit(f"{dense}: not here; run benchmarks/bench_paper_scale.py first (it trains the LM and writes its data)")
     out = Path("/tmp") / f"plan_paper_scale_{os.getpid()}.yaml"
     cmd = [str(Path(sys.executable).parent / "quant-noise"), "plan", str(dense), "--target-ratio", "25", "--calibrate", str(data),
            "--data", str(data), "--sensitivity", "fisher", "--calibration-batches", str(args.paper_scale_batches), "-o", str(out)]
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16], help="proxy: the menu's block sizes (default 8 16)")
     parser.add_argument("--centroids", type=int, nargs="+", default=[4, 16, 64, 256], help="proxy: its centroid counts (default 4 16 64 256)")
+    parser.add_argument("--note", help="how the machine was when this ran (kept with the section's results)")
     parser.add_argument("--paper-scale", default=str(REPO / "work_dirs" / "paper_scale" / "lm"))
     parser.add_argument("--paper-scale-batches", type=int, default=2, help="paper_scale: calibration batches of 2048 tokens (default 2)")
     args = parser.parse_args()
@@ -117,9 +118,9 @@ def main() -> None:
     if "proxy" in args.sections:
         if not (args.checkpoint and args.data):
             parser.error("--sections proxy needs --checkpoint CKPT and --data DATA_DIR")
-        data["proxy"] = proxy_section(args)
+        data["proxy"] = proxy_section(args) | ({"note": args.note} if args.note else {})
     if "paper_scale" in args.sections:
-        data["paper_scale"] = paper_scale_section(args)
+        data["paper_scale"] = paper_scale_section(args) | ({"note": args.note} if args.note else {})
     lines = []
     if "proxy" in data:
         p = data["proxy"]
@@ -131,11 +132,12 @@ def main() -> None:
         for name, r in p["rows"].items():
             lines.append(f"| {name}{' (every pair measured)' if name == 'truth' else ''} | {r['seconds']:.1f} | {r['rank_correlation']:.3f} | "
                          f"{r['plan_true_rise']:+.4f} | {r['plan_file_bytes']:,} | {r['plan_pq_weights']} |")
+        lines += ["", f"Section's command: `{p['command']}`" + (f" ({p['note']})" if p.get("note") else "")]
     if "paper_scale" in data:
         q = data["paper_scale"]
         lines += ["", f"Paper scale: `quant-noise plan` at {q['target']} of {q['model']}, `--sensitivity fisher`, {q['calibration_batches']} "
                   f"calibration batches: **{q['seconds']:.0f} s**, peak RSS {q['peak_rss_gb']:.1f} GB; {q['summary']}", "",
-                  f"`{q['command']}`"]
+                  f"Section's command: `{q['command']}`" + (f" ({q['note']})" if q.get("note") else "")]
     notes = ("The truth measures each pair's calibration-loss rise with that weight alone quantized; `measured` (the planner's "
              "default) measures one setting per weight and scales by the activation-weighted error; `fisher` runs one backward "
              "pass per batch. A plan's true summed rise is the truth's rises summed over the plan's picks (lower is better; "

@@ -46,6 +46,8 @@ def training_batches(task, model: torch.nn.Module, n_batches: int, max_tokens: i
     batches for the same seed."""
     from fairseq import utils
 
+    config = getattr(task, "cfg", None) or getattr(task, "args", None)
+    max_tokens = max(max_tokens, int(getattr(config, "tokens_per_sample", 0) or 0))  # at least one whole sample a batch
     batches = []
     with warnings.catch_warnings():  # fairseq's iterator always asks for pinned memory; on a CPU-only machine torch warns
         warnings.filterwarnings("ignore", message=".*pin_memory.*")
