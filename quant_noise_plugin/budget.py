@@ -31,6 +31,7 @@ from .compressed import attach_pq_plan, mark_fitted, scalar_quantize_remaining_
 from .errors import QuantNoiseError
 from .packing import predicted_file
 from .pq import PQCodebook
+from .providers import PROVIDER_CHILDREN
 from .scalar import ScalarCodes
 from .schedule import LayerPlan, layer_kind, plan_schedule, quantizable_weights, schedule_from_dict
 from .sizes import pq_bytes, scalar_bytes
@@ -193,7 +194,7 @@ def weight_menus(model: nn.Module, scalar_bits: Optional[int] = 8, block_sizes: 
     menus = []
     for names in quantizable_weights(model).values():
         module = modules[names[0]]
-        if any(child in module._modules for child in ("weight_pq", "weight_int")):
+        if any(child in module._modules for child in PROVIDER_CHILDREN):
             raise BudgetError(f"layer {names[0]} is already quantized: plan from the dense (or Quant-Noise trained) checkpoint")
         shape = list(module._parameters["weight"].shape)
         settings = settings_for(shape, block_sizes, centroid_counts)
