@@ -112,7 +112,14 @@ def collect_input_moments(model: nn.Module, weights: Dict[str, List[str]], batch
 
     def embedding_hook(stats: InputMoments):
         def hook(module, args):
-            counts = torch.bincount(args[0].detach().flatten().cpu(), minlength=module.num_embeddings).double()
+            ids = args[0].detach()
+            if hasattr(module, "max_positions") and module.padding_idx is not None:
+                # fairseq's learned positional embedding is given the tokens and looks up their positions
+                mask = ids.ne(module.padding_idx).long()
+                ids = torch.cumsum(mask, dim=1) * mask + module.padding_idx
+            counts = torch.bincount(ids.flatten().cpu(), minlength=module.num_embeddings).double()
+            if counts.numel() > module.num_embeddings:  # not row indices: this module maps its input to rows itself
+                return
             stats.row_counts = counts + (0 if stats.row_counts is None else stats.row_counts)
         return hook
 

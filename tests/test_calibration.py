@@ -72,3 +72,19 @@ def test_moments_are_deterministic_and_need_a_batch():
         assert torch.equal(a[key].importance(), b[key].importance())
     with pytest.raises(ValueError, match="no calibration batch"):
         _collect(TiedLM(), [])
+
+
+def test_a_learned_positional_embedding_counts_the_positions_it_looks_up_not_the_tokens():
+    """fairseq's LearnedPositionalEmbedding is given the tokens and looks up their positions (padding_idx + 1, ...)."""
+    class Positions(nn.Embedding):
+        max_positions = 6
+
+        def forward(self, tokens):
+            mask = tokens.ne(self.padding_idx).long()
+            return super().forward(torch.cumsum(mask, dim=1) * mask + self.padding_idx)
+
+    model = nn.Module()
+    model.positions = Positions(8, 4, padding_idx=1)
+    tokens = torch.tensor([[57, 31, 40], [22, 90, 1]])  # token ids far beyond the table; 1 is padding
+    stats = collect_input_moments(model, {"positions": ["positions"]}, [tokens], lambda batch: model.positions(batch))
+    assert stats["positions"].row_counts.tolist() == [0, 1, 2, 2, 1, 0, 0, 0]  # position 2 twice, 3 twice, 4 once; the pad at 1

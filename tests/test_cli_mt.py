@@ -64,7 +64,7 @@ def test_plan_meets_its_budget_on_a_translation_model(mt_dense, tmp_path):
 
     data, dense = mt_dense
     plan = tmp_path / "plan.yaml"
-    run(["quant-noise", "plan", dense, "--target-ratio", "10", "--calibrate", data, "--calibration-batches", "2", "--updates", "4", "-o", plan])
+    run(["quant-noise", "plan", dense, "--target-ratio", "5", "--calibrate", data, "--calibration-batches", "2", "--updates", "4", "-o", plan])
     text = plan.read_text()
     predicted, target = (int(g.replace(",", "")) for g in re.search(r"a packed file of ([\d,]+) bytes predicted for a target of ([\d,]+)", text).groups())
     assert 0.99 * target <= predicted <= target
