@@ -59,8 +59,6 @@ class QuantNoiseConfig:
         if self.pq_schedule and self.pq_centroids:
             raise QuantNoiseError(f"--quant-noise-pq-schedule {self.pq_schedule} and --quant-noise-pq-centroids={self.pq_centroids}: "
                                   f"give one (the schedule sets each layer's K)")
-        if self.pq_schedule and not (self.pq > 0 or (self.pq_embeddings or 0) > 0):
-            raise QuantNoiseError(f"--quant-noise-pq-schedule {self.pq_schedule}: needs a rate, --quant-noise-pq P")
         if self.pq_refit_updates <= 0:
             raise QuantNoiseError(f"--quant-noise-pq-refit-updates={self.pq_refit_updates}: must be positive")
         if self.exclude:
