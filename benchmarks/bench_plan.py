@@ -17,7 +17,6 @@ Writes results/plan.{md,json} (a section not run keeps its previous results).
 """
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -46,7 +45,7 @@ def rank_correlation(a, b) -> float:
 
 
 def proxy_section(args) -> dict:
-    from quant_noise_plugin.budget import measure_menus, parse_size, plan_budget, weight_menus
+    from quant_noise_plugin.budget import measure_menus, parse_size, plan_budget, reference_bits_for, weight_menus
     from quant_noise_plugin.checkpoints import read_checkpoint
     from quant_noise_plugin.cli import _calibration_batches, _load_model
 
@@ -56,8 +55,7 @@ def proxy_section(args) -> dict:
     run = lambda sample: criterion(model, sample)  # noqa: E731
     target = parse_size(args.target_size)
     menu_of = lambda: weight_menus(model, 8, args.block_sizes, args.centroids)  # noqa: E731
-    n_weights = sum(math.prod(m.shape) for m in menu_of())
-    reference_bits = min(2.0, max(0.25, 8 * target / n_weights))
+    reference_bits = reference_bits_for(menu_of(), target)
     menus, seconds = {}, {}
     for name, kwargs in (("truth", {"measure_all": True}), ("measured", {}), ("fisher", {"sensitivity": "fisher"})):
         menus[name] = menu_of()

@@ -371,17 +371,18 @@ def planned_file_bytes(model: nn.Module, state: Dict, menus: Sequence[WeightMenu
 
 
 def plan_budget(model: nn.Module, state: Dict, menus: List[WeightMenu], target_bytes: int, scalar_bits: Optional[int],
-                base_loss: float, n_batches: int) -> Plan:
+                base_loss: float, n_batches: int, reach: Optional[tuple] = None) -> Plan:
     """The picks whose packed file lands on ``target_bytes`` (within 1% below it, unless every weight already has
     its best setting). The container's own bytes (keys, other tensors, checksums) are measured on the planned model
-    and the knapsack rerun on what is left; a target out of reach is a one-line error with the reachable range."""
+    and the knapsack rerun on what is left; a target out of reach is a one-line error with the reachable range
+    (``reach``: check_reachable's answer, when the caller already has it)."""
 
     def file_bytes(picks: List[Choice]) -> int:
         return planned_file_bytes(model, state, menus, picks, scalar_bits)
 
     smallest = [min(m.choices, key=lambda c: c.bytes) for m in menus]
     largest = [max(m.choices, key=lambda c: c.bytes) for m in menus]
-    low, high = check_reachable(model, state, menus, target_bytes, scalar_bits)
+    low, high = reach or check_reachable(model, state, menus, target_bytes, scalar_bits)
     overhead = low - sum(c.bytes for c in smallest)
     best = None
     for _ in range(6):
@@ -495,6 +496,11 @@ def check_schedule_text(text: str, plan: Plan, model: nn.Module) -> None:
         raise AssertionError(f"the planned schedule does not give layer {wrong} its planned setting")
 
 
+def reference_bits_for(menus: Sequence[WeightMenu], target_bytes: int) -> float:
+    """Where the proxy is anchored: the budget's mean bits per weight, between 0.25 and 2 (a rise large enough to read)."""
+    return min(2.0, max(0.25, 8 * target_bytes / sum(math.prod(m.shape) for m in menus)))
+
+
 def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[Any], run: Callable[[Any], Any], target_bytes: int,
                              scalar_bits: Optional[int] = 8, objective: str = "output", updates: int = 500,
                              block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
@@ -503,12 +509,10 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
     """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
     text). The target is checked against what the menus reach before anything is measured."""
     menus = weight_menus(model, scalar_bits, block_sizes, centroid_counts)
-    check_reachable(model, state, menus, target_bytes, scalar_bits)
-    n_weights = sum(math.prod(m.shape) for m in menus)
-    # the proxy is anchored near the budget's mean bits per weight (at most 2: a rise large enough to read)
-    reference_bits = min(2.0, max(0.25, 8 * target_bytes / n_weights))
-    base = measure_menus(model, menus, batches, run, scalar_bits, reference_bits, measure_all, progress=progress, sensitivity=sensitivity)
-    plan = plan_budget(model, state, menus, target_bytes, scalar_bits, base, len(batches))
+    reach = check_reachable(model, state, menus, target_bytes, scalar_bits)
+    base = measure_menus(model, menus, batches, run, scalar_bits, reference_bits_for(menus, target_bytes), measure_all,
+                         progress=progress, sensitivity=sensitivity)
+    plan = plan_budget(model, state, menus, target_bytes, scalar_bits, base, len(batches), reach)
     return plan, schedule_text(plan, model, updates=updates, objective=objective, title=title)
 
 

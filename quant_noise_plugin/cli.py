@@ -44,7 +44,7 @@ def _load_model(state, path: str, data: Optional[str]):
 
 
 def _size_summary(model, state, path: Optional[str] = None, centroid_bits: Optional[int] = None) -> dict:
-    """Per-layer rows and totals; the packed file is predicted as paper bytes + container overhead."""
+    """Per-layer rows and totals; the packed file's bytes as packing.predicted_file serializes it in memory."""
     from .packing import predicted_file
     from .sizes import activation_quantizers
 

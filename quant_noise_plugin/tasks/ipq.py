@@ -146,7 +146,6 @@ class IPQTaskMixin:
             raise ScheduleError(f"{schedule_path}: the schedule needs {total} updates: set --max-update {total}")
         if self.ipq_cfg.max_update < total:
             logger.warning("--max-update %d stops before the schedule's %d updates; rerun with --max-update %d to finish", self.ipq_cfg.max_update, total, total)
-        self.ipq_schedule_path = schedule_path
         self.ipq_plans = plan_schedule(self.ipq_schedule, model, schedule_path)
         for stage in self.ipq_plans:
             for plan in stage.layers:

@@ -49,7 +49,9 @@ class Runner:
         """The iPQ schedule of a schedule column: --lm-schedule/--mt-schedule/--cls-schedule for "ipq", else the preset's;
         a planned column's (``plan_<twin>``): the YAML `quant-noise plan` wrote for the row's model (``plan_command``)."""
         if column in getattr(self.preset, task).targets:  # planned by the iPQ run itself, beside its checkpoints
-            return self.ipq_command(task, mode, column)[1] / "ipq_plan.yaml"
+            from quant_noise_plugin.tasks.ipq import PLAN_FILE
+
+            return self.ipq_command(task, mode, column)[1] / PLAN_FILE
         if column.startswith(PLAN_PREFIX):
             return self.plan_command(task, mode, column)[1]
         if column == "ipq" and task in self.overrides:
@@ -169,7 +171,7 @@ class Runner:
         dense = self.trained(task, mode)
         target = getattr(self.preset, task).targets.get(column)
         if target is not None:  # the iPQ task plans for the target at its start (--ipq-target-size)
-            schedule, how, digest = None, ["--ipq-target-size", target], "target"
+            how, digest = ["--ipq-target-size", target], "target"
         else:
             schedule = self.schedule(task, column, mode)
             how = ["--ipq-config", schedule]
