@@ -3,6 +3,7 @@
 does each stage take, how much memory does it need? Writes results/paper_scale.{md,json}.
 
     python benchmarks/bench_paper_scale.py [--models lm roberta] [--updates-per-stage 2]
+    python benchmarks/bench_paper_scale.py --plan-only   # the planner's row alone, on the LM trained by a full run
 
 - **LM**: `qn_transformer_lm_wiki103` (16 layers, 1024 wide, adaptive input and softmax) with a
   267,744-word dictionary (the KJV's words, then filler words up to WikiText-103's size) and
@@ -14,6 +15,8 @@ does each stage take, how much memory does it need? Writes results/paper_scale.{
   (the stage's layers, k-means time and the process's peak RSS from the task's own log line); `quant-noise
   pack` and `size` (bytes on disk against the prediction and the paper's figure); loading time and peak RSS
   of the packed file against the dense fp32 one; the LM's `fairseq-eval-lm` on the packed file.
+- The LM's size budget: `quant-noise plan` at x25 with ``--sensitivity fisher`` (the planner's mode for large
+  models), as a user runs it on the trained checkpoint: its wall time, peak RSS and the file it plans.
 """
 import argparse
 import json
@@ -41,6 +44,7 @@ MODELS = {
                 "task": "masked_lm", "ipq_task": "ipq_masked_lm", "criterion": "masked_lm", "tokens": 4096,
                 "length": ["--tokens-per-sample", "512"], "fit": [], "paper": "iPQ x34: 14 MB from 480 MB (Table 2)"},
 }
+PLAN_RATIO, PLAN_BATCHES = 25, 2  # the paper's x25; calibration batches of the planner
 SPECIALS = 4  # fairseq's <s> <pad> </s> <unk>, before the dictionary file's words
 H100_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak, for the labelled projection
 PROJECTED_UTILIZATION = 0.4
@@ -133,6 +137,9 @@ def run_model(name: str, updates_per_stage: int) -> dict:
     flops = 6 * params * spec["tokens"]  # forward and backward, weights only (attention and the softmax's sparsity aside)
     result["projected_h100_step_s"] = flops / (H100_BF16_FLOPS * PROJECTED_UTILIZATION)
 
+    if name == "lm":
+        result.update(plan_model(folder, data))
+
     ipq = folder / "ipq"
     shutil.rmtree(ipq, ignore_errors=True)
     schedule = short_schedule(spec, updates_per_stage, folder)
@@ -170,6 +177,19 @@ def run_model(name: str, updates_per_stage: int) -> dict:
     return result
 
 
+def plan_model(folder: Path, data: Path) -> dict:
+    """`quant-noise plan` of the trained model at x25 (fisher sensitivities): seconds, peak RSS and its summary line."""
+    out = folder / "plan_x25.yaml"
+    start = time.perf_counter()
+    log = peak_run(["quant-noise", "plan", folder / "train" / "checkpoint_last.pt", "--target-ratio", PLAN_RATIO, "--calibrate", data,
+                    "--data", data, "--sensitivity", "fisher", "--calibration-batches", PLAN_BATCHES, "-o", out], folder / "plan.log")
+    seconds = time.perf_counter() - start
+    summary = next(line for line in log.splitlines() if line.startswith("planned "))
+    predicted, target = (float(v) for v in re.search(r"packed file ([\d.]+) MB predicted for a target of ([\d.]+) MB", summary).groups())
+    return {"plan_s": seconds, "plan_peak_rss_gb": logged("MAXRSS_KB", log) / 2**20, "plan_predicted_mb": predicted,
+            "plan_target_mb": target, "plan_pq_weights": re.search(r"(\d+ of \d+) weights in PQ", summary).group(1)}
+
+
 def int8_pack(folder: Path) -> dict:
     """The same iPQ model packed with int8 centroids and int8 rest (`--scalar-bits 8`): its bytes on disk."""
     out = folder / "packed_int8.pt"
@@ -204,6 +224,9 @@ def table(results: dict) -> str:
     row("Quant-Noise training step (CPU, tokens)", lambda r: f"{r['train_step_s']:.1f} s ({r['tokens_per_step']:,})")
     row("its peak RSS", lambda r: f"{r['train_peak_rss_gb']:.2f} GB")
     row("projected H100 step (6 x params x tokens at 40% of bf16 peak)", lambda r: f"{1e3 * r['projected_h100_step_s']:.0f} ms (projection)")
+    row(f"`quant-noise plan` at x{PLAN_RATIO} (fisher, {PLAN_BATCHES} calibration batches): time, peak RSS, file planned",
+        lambda r: f"{r['plan_s'] / 60:.1f} min, {r['plan_peak_rss_gb']:.1f} GB, {r['plan_predicted_mb']:.2f} MB for {r['plan_target_mb']:.2f} MB "
+                  f"({r['plan_predicted_mb'] / r['plan_target_mb']:.2%}; {r['plan_pq_weights']} weights in PQ)" if "plan_s" in r else "-")
     row("iPQ stages: weights, k-means, process peak RSS, predicted size after", lambda r: "<br>".join(
         f"{s['stage']}: {s['layers']} weights, {s['kmeans_s']:.0f} s, {s['peak_rss_gb']:.1f} GB, {s['predicted_mb']:.1f} MB (x{s['ratio']:.1f})"
         for s in r["stages"]))
@@ -228,8 +251,15 @@ def main():
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--updates-per-stage", type=int, default=2, help="finetuning updates per schedule stage (default 2)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the results from the runs under work_dirs/paper_scale")
+    parser.add_argument("--plan-only", action="store_true", help="run the planner's row alone (on the LM a full run trained), then render")
     args = parser.parse_args()
-    if args.render_only:
+    if args.plan_only:
+        folder = WORK / "lm"
+        if not (folder / "train" / "checkpoint_last.pt").exists():
+            sys.exit(f"{folder / 'train' / 'checkpoint_last.pt'}: not here; run this benchmark without --plan-only first")
+        record = json.loads((folder / "result.json").read_text()) | plan_model(folder, folder / "bin")
+        (folder / "result.json").write_text(json.dumps(record, indent=1))
+    if args.render_only or args.plan_only:
         results = {name: from_logs(name) for name in args.models}
     else:
         results = {name: run_model(name, args.updates_per_stage) for name in args.models}

@@ -1,25 +1,23 @@
-"""The budget planner (`quant-noise plan`): are its cheap sensitivities right, and how long does it take at scale?
+"""The budget planner (`quant-noise plan`): are its cheap sensitivities right, and at what time?
 
-Section ``proxy`` (a trained checkpoint, e.g. the frontier's 2 x 128 LM): every (weight, setting) pair's calibration
+On a trained checkpoint, e.g. the frontier's 2 x 128 LM): every (weight, setting) pair's calibration
 loss rise measured directly (``--measure-all``, the ground truth), against the planner's two cheaper estimates:
 ``measured`` (measured at one setting per weight, carried to the others by their activation-weighted error) and
 ``fisher`` (squared gradients, one backward pass per batch). Reported: the rank correlation of each estimate with the
 truth over all pairs, and what each estimate's plan at ``--target`` bytes costs by the truth's measure (the summed
 measured rise of its picks) against the plan the truth itself makes; and the time each takes.
 
-Section ``paper_scale`` (`benchmarks/bench_paper_scale.py`'s dense 247 M-parameter LM): `quant-noise plan` at x25 with
-the ``fisher`` sensitivity as a user runs it; its wall time and peak memory.
+The planner's time and memory at the paper's scale (x25 of the 247 M-parameter LM) are a row of
+`benchmarks/bench_paper_scale.py` (results/paper_scale.md; `--plan-only` runs that row alone).
 
-    python benchmarks/bench_plan.py --sections proxy --checkpoint CKPT --data DATA_DIR [--target-size 212KB]
-    python benchmarks/bench_plan.py --sections paper_scale [--paper-scale work_dirs/paper_scale/lm]
+    python benchmarks/bench_plan.py --checkpoint CKPT --data DATA_DIR [--target-size 212KB]
+    python benchmarks/bench_plan.py --render-only   # rewrite results/plan.md from results/plan.json
 
-Writes results/plan.{md,json} (a section not run keeps its previous results).
+Writes results/plan.{md,json}.
 """
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,30 +75,9 @@ def proxy_section(args) -> dict:
             "base_loss": base, "pairs": len(truth), "rows": rows}
 
 
-def paper_scale_section(args) -> dict:
-    root = Path(args.paper_scale)
-    dense, data = root / "train" / "checkpoint_last.pt", root / "bin"  # the trained model, before its iPQ
-    if not dense.exists():
-        sys.exit(f"{dense}: not here; run benchmarks/bench_paper_scale.py first (it trains the LM and writes its data)")
-    out = Path("/tmp") / f"plan_paper_scale_{os.getpid()}.yaml"
-    cmd = [str(Path(sys.executable).parent / "quant-noise"), "plan", str(dense), "--target-ratio", "25", "--calibrate", str(data),
-           "--data", str(data), "--sensitivity", "fisher", "--calibration-batches", str(args.paper_scale_batches), "-o", str(out)]
-    start = time.perf_counter()
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    if result.returncode:
-        sys.exit(f"quant-noise plan failed:\n{result.stdout[-4000:]}")
-    line = next(l for l in result.stdout.splitlines() if l.startswith("planned "))
-    out.unlink(missing_ok=True)
-    return {"command": command(), "model": "qn_transformer_lm_wiki103 (random weights, bench_paper_scale.py)", "target": "x25",
-            "calibration_batches": args.paper_scale_batches, "seconds": seconds, "peak_rss_gb": peak,
-            "summary": line.split(": ", 1)[1]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", nargs="+", choices=("proxy", "paper_scale"), default=["proxy"])
+    parser.add_argument("--render-only", action="store_true", help="rewrite results/plan.md from results/plan.json")
     parser.add_argument("--checkpoint", help="proxy: a trained (dense or Quant-Noise) checkpoint")
     parser.add_argument("--data", help="proxy: its binarized data (calibration batches)")
     parser.add_argument("--target-size", default="212KB", help="proxy: the budget the three plans are made for (default 212KB)")
@@ -108,17 +85,14 @@ def main() -> None:
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16], help="proxy: the menu's block sizes (default 8 16)")
     parser.add_argument("--centroids", type=int, nargs="+", default=[4, 16, 64, 256], help="proxy: its centroid counts (default 4 16 64 256)")
     parser.add_argument("--note", help="how the machine was when this ran (kept with the section's results)")
-    parser.add_argument("--paper-scale", default=str(REPO / "work_dirs" / "paper_scale" / "lm"))
-    parser.add_argument("--paper-scale-batches", type=int, default=2, help="paper_scale: calibration batches of 2048 tokens (default 2)")
     args = parser.parse_args()
     previous = RESULTS / "plan.json"
     data = json.loads(previous.read_text()) if previous.exists() else {}
-    if "proxy" in args.sections:
+    data.pop("paper_scale", None)  # now a row of bench_paper_scale.py
+    if not args.render_only:
         if not (args.checkpoint and args.data):
-            parser.error("--sections proxy needs --checkpoint CKPT and --data DATA_DIR")
+            parser.error("give --checkpoint CKPT and --data DATA_DIR (or --render-only)")
         data["proxy"] = proxy_section(args) | ({"note": args.note} if args.note else {})
-    if "paper_scale" in args.sections:
-        data["paper_scale"] = paper_scale_section(args) | ({"note": args.note} if args.note else {})
     lines = []
     if "proxy" in data:
         p = data["proxy"]
@@ -131,11 +105,8 @@ def main() -> None:
             lines.append(f"| {name}{' (every pair measured)' if name == 'truth' else ''} | {r['seconds']:.1f} | {r['rank_correlation']:.3f} | "
                          f"{r['plan_true_rise']:+.4f} | {r['plan_file_bytes']:,} | {r['plan_pq_weights']} |")
         lines += ["", f"Section's command: `{p['command']}`" + (f" ({p['note']})" if p.get("note") else "")]
-    if "paper_scale" in data:
-        q = data["paper_scale"]
-        lines += ["", f"Paper scale: `quant-noise plan` at {q['target']} of {q['model']}, `--sensitivity fisher`, {q['calibration_batches']} "
-                  f"calibration batches: **{q['seconds']:.0f} s**, peak RSS {q['peak_rss_gb']:.1f} GB; {q['summary']}", "",
-                  f"Section's command: `{q['command']}`" + (f" ({q['note']})" if q.get("note") else "")]
+    lines += ["", "The planner at the paper's scale (x25 of the 247 M-parameter LM, `--sensitivity fisher`): its time and memory are "
+              "in results/paper_scale.md (`python benchmarks/bench_paper_scale.py --plan-only`)."]
     notes = ("The truth measures each pair's calibration-loss rise with that weight alone quantized; `measured` (the planner's "
              "default) measures one setting per weight and scales by the activation-weighted error; `fisher` runs one backward "
              "pass per batch. A plan's true summed rise is the truth's rises summed over the plan's picks (lower is better; "

@@ -30,6 +30,7 @@ from .calibration import collect_input_moments
 from .compressed import attach_pq_plan, mark_fitted, scalar_quantize_remaining_
 from .errors import QuantNoiseError
 from .packing import predicted_file
+from .kmeans import assign
 from .pq import PQCodebook
 from .providers import PROVIDER_CHILDREN
 from .scalar import ScalarCodes
@@ -40,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SIZES = (4, 8, 16)
 CENTROID_COUNTS = (4, 8, 16, 32, 64, 128, 256)
-SAMPLE_WEIGHTS = 1 << 18  # the proxy's k-means runs on this many weights of each layer (whole rows), at most
+SAMPLE_WEIGHTS = 1 << 18  # the proxy's errors are read on this many weights of each layer (whole rows), at most
+FIT_WEIGHTS = 1 << 16  # fisher (large models): its k-means fits on this many (>= 32 blocks per centroid), the rest held out
 RESOLUTION = 20000  # byte buckets of the knapsack: each weight's bytes round up to budget / RESOLUTION
 STAGE_ORDER = ("embeddings", "ffn", "attention", "other")
 
@@ -145,16 +147,34 @@ def setting_bytes(shape: Sequence[int], setting: Setting, scalar_bits: Optional[
 
 @torch.no_grad()
 def quantized(weight: Tensor, setting: Setting, scalar_bits: Optional[int], importance: Optional[Tensor] = None,
-              n_iter: int = 10, seed: int = 0, backend: str = "auto") -> Tensor:
-    """``weight`` as the setting would store it (PQ: the activations objective's k-means when ``importance`` is given)."""
+              n_iter: int = 10, seed: int = 0, backend: str = "auto", fit_rows: Optional[int] = None) -> Tensor:
+    """``weight`` as the setting would store it (PQ: the activations objective's k-means when ``importance`` is given).
+    ``fit_rows``: the codebook is fitted on the first rows only and every block then coded by its nearest centroid
+    (the proxy's speed on large layers: a k-means on a few rows, one assignment pass on the rest)."""
     weight = weight.detach().float()
     if setting.is_pq:
-        codebook = PQCodebook(weight.shape, setting.block_size, setting.n_centroids)
-        codebook.fit(weight, n_iter=n_iter, seed=seed, backend=backend, importance=importance)
-        return codebook().detach()
+        rows = weight.shape[0] if fit_rows is None else max(1, min(weight.shape[0], fit_rows))
+        part = None if importance is None else importance.expand(weight.shape)[:rows]
+        codebook = PQCodebook((rows, *weight.shape[1:]), setting.block_size, setting.n_centroids)
+        codebook.fit(weight[:rows], n_iter=n_iter, seed=seed, backend=backend, importance=part)
+        if rows == weight.shape[0]:
+            return codebook().detach()
+        blocks = weight.reshape(-1, setting.block_size)
+        weights = None if importance is None else importance.expand(weight.shape).reshape(-1, setting.block_size)
+        centroids = codebook.centroids.detach().float()
+        return centroids[assign(blocks, centroids, importance=weights)[0]].reshape(weight.shape)
     if scalar_bits:
         return ScalarCodes(weight.shape, scalar_bits).fit(weight)().reshape(weight.shape)
     return weight.half().float()
+
+
+def fit_rows_for(shape: Sequence[int], setting: Setting) -> Optional[int]:
+    """How many (random) rows of a layer the ``fisher`` proxy's k-means fits on: FIT_WEIGHTS, or 32 blocks per
+    centroid. (The ``measured`` proxy fits on the whole sample: on a small model that is the same work, and its held-out
+    errors of large K on a few rows of a frequency-weighted embedding read high enough to change the demo's plan.)"""
+    if not setting.is_pq:
+        return None
+    return math.ceil(max(FIT_WEIGHTS, 32 * setting.n_centroids * setting.block_size) / max(1, math.prod(shape[1:])))
 
 
 def calibration_loss(batches: Sequence[Any], run: Callable[[Any], Any]) -> float:
@@ -246,7 +266,8 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
     ``sensitivity``: ``measured`` (the rise measured at one reference setting per weight, carried to the others by
     their activation-weighted error; ``measure_all``: measured at every setting) or ``fisher`` (no loss measured per
     weight: the rise of each setting estimated as 1/2 sum F dW^2 with F the squared gradients, ``gradient_squares``;
-    one backward pass per batch in all, for models too large to run the batches once per weight)."""
+    one backward pass per batch in all, for models too large to run the batches once per weight; its errors come from a
+    k-means on a few rows of each large layer, read on more: fit_rows_for)."""
     if sensitivity not in SENSITIVITIES:
         raise BudgetError(f"--sensitivity {sensitivity}: use {', '.join(SENSITIVITIES)}")
     moments = collect_input_moments(model, {m.name: m.names for m in menus}, batches, run)
@@ -262,13 +283,16 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
                 importance = moments[menu.name].importance().expand(weight.shape)
             except ValueError:  # no calibration input reached it (a head the task never runs): the weight error
                 importance = torch.ones_like(weight)
-            # the proxy's errors on whole rows, at least 2^18 weights of them (>= 16,384 blocks: enough for K <= 256)
+            # the proxy's errors on whole rows, up to 2^18 weights of them (fisher: its k-means fitted on fewer, fit_rows_for)
             rows = max(1, min(weight.shape[0], math.ceil(SAMPLE_WEIGHTS / max(1, weight[0].numel()))))
-            picked = torch.randperm(weight.shape[0], generator=generator)[:rows].sort().values
+            picked = torch.randperm(weight.shape[0], generator=generator)[:rows]
+            if fisher is None:  # (fisher: left in random order, the k-means fits on the first rows)
+                picked = picked.sort().values
             sample, sample_importance = weight[picked], importance[picked].contiguous()
             sample_fisher = None if fisher is None else fisher[menu.name][picked]
             for choice in menu.choices:
-                approx = quantized(sample, choice.setting, scalar_bits, sample_importance, n_iter, seed, backend)
+                approx = quantized(sample, choice.setting, scalar_bits, sample_importance, n_iter, seed, backend,
+                                   fit_rows_for(weight.shape, choice.setting) if fisher is not None else None)
                 choice.error = float((sample_importance * (sample - approx) ** 2).sum())
                 if sample_fisher is not None:  # the sampled rows' estimate, scaled to the whole weight
                     choice.rise = 0.5 * float((sample_fisher * (sample - approx) ** 2).sum()) * weight.shape[0] / sample.shape[0]

@@ -48,24 +48,36 @@ def faiss_available() -> bool:
     return True
 
 
+class _Distances:
+    """Squared (importance-weighted) distances of fixed points to changing centroids, by one matmul a chunk:
+    sum_d w (x - c)^2 = sum_d w x^2 + [w x, w] @ [-2 c, c^2]^T. The points' own term and the left factor are
+    computed once per k-means, not once per iteration (and the point term is not needed to pick the nearest)."""
+
+    def __init__(self, points: Tensor, importance: Optional[Tensor] = None):
+        if importance is None:
+            self.lhs = torch.cat([points, points.new_ones(points.shape[0], 1)], dim=1)
+            self.own = (points * points).sum(dim=1)
+        else:
+            weights = importance.expand_as(points)
+            weighted = weights * points
+            self.lhs = torch.cat([weighted, weights], dim=1)
+            self.own = (weighted * points).sum(dim=1)
+        self.weighted = importance is not None
+
+    def nearest(self, centroids: Tensor, chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
+        squares = centroids * centroids
+        rhs = torch.cat([-2.0 * centroids, squares if self.weighted else squares.sum(dim=1, keepdim=True)], dim=1).T.contiguous()
+        labels, dists = [], []
+        for start in range(0, self.lhs.shape[0], chunk):
+            dist, label = (self.lhs[start : start + chunk] @ rhs).min(dim=1)
+            labels.append(label)
+            dists.append(dist)
+        return torch.cat(labels), (torch.cat(dists) + self.own).clamp_min_(0.0)
+
+
 def assign(points: Tensor, centroids: Tensor, chunk: int = 1 << 16, importance: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each point and its (importance-weighted) squared distance, in chunks to bound memory."""
-    c_sq = (centroids * centroids).sum(dim=1)
-    if importance is not None:
-        importance = importance.expand_as(points)
-    labels, dists = [], []
-    for start in range(0, points.shape[0], chunk):
-        x = points[start : start + chunk]
-        if importance is None:
-            d = (x * x).sum(dim=1, keepdim=True) - 2.0 * x @ centroids.T + c_sq
-        else:
-            w = importance[start : start + chunk]
-            wx = w * x
-            d = (wx * x).sum(dim=1, keepdim=True) - 2.0 * wx @ centroids.T + w @ (centroids * centroids).T
-        dist, label = d.min(dim=1)
-        labels.append(label)
-        dists.append(dist.clamp_min_(0.0))
-    return torch.cat(labels), torch.cat(dists)
+    return _Distances(points, importance).nearest(centroids, chunk)
 
 
 def _kmeans_torch(points: Tensor, k: int, n_iter: int, seed: int, importance: Optional[Tensor] = None) -> KMeansResult:
@@ -73,23 +85,23 @@ def _kmeans_torch(points: Tensor, k: int, n_iter: int, seed: int, importance: Op
     n = points.shape[0]
     init = torch.randperm(n, generator=generator)[:k].to(points.device)  # without replacement
     centroids = points[init].clone()
-    weights = None if importance is None else importance.expand_as(points)
-    weighted_points = points if weights is None else weights * points
+    distances = _Distances(points, importance)
+    d = points.shape[1]
     history: List[float] = []
     labels = None
     for _ in range(n_iter):
-        new_labels, dists = assign(points, centroids, importance=importance)
+        new_labels, dists = distances.nearest(centroids)
         history.append(float(dists.sum()))
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
-        counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, weighted_points)
-        nonempty = counts > 0
-        if weights is None:
-            centroids[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(points.dtype)
+        # each cluster's sums of [w x, w] (or [x, 1]) in one pass: the (weighted) means' numerators and denominators
+        totals = points.new_zeros(k, distances.lhs.shape[1]).index_add_(0, labels, distances.lhs)
+        sums, mass = totals[:, :d], totals[:, d:]
+        nonempty = torch.bincount(labels, minlength=k) > 0
+        if importance is None:
+            centroids[nonempty] = sums[nonempty] / mass[nonempty]
         else:  # per coordinate: the importance-weighted mean of the cluster's points (a coordinate weighing 0 keeps its value)
-            mass = torch.zeros_like(centroids).index_add_(0, labels, weights)
             update = nonempty.unsqueeze(1) & (mass > 0)
             centroids[update] = sums[update] / mass[update]
         empty = (~nonempty).nonzero().flatten()
@@ -98,7 +110,7 @@ def _kmeans_torch(points: Tensor, k: int, n_iter: int, seed: int, importance: Op
             # that point's error drops to zero, so the objective cannot increase.
             far = dists.topk(empty.numel()).indices
             centroids[empty] = points[far]
-    labels, dists = assign(points, centroids, importance=importance)
+    labels, dists = distances.nearest(centroids)
     objective = float(dists.sum())
     history.append(objective)
     return KMeansResult(centroids, labels, objective, history)

@@ -208,3 +208,25 @@ def test_fisher_sensitivity_estimates_the_measured_rises_in_one_backward_pass_pe
     assert torch.corrcoef(torch.stack([rank(estimated), rank(exact)]))[0, 1] > 0.8
     with pytest.raises(BudgetError, match="--sensitivity hessian: use measured, fisher"):
         measure_menus(model, fisher, batches, run_batch, 8, sensitivity="hessian")
+
+
+def test_the_fisher_proxy_fits_on_a_few_rows_and_codes_the_rest_by_their_weighted_nearest_centroid():
+    from quant_noise_plugin.budget import fit_rows_for, quantized
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 16)
+    importance = torch.rand(1, 16) ** 4 * 100  # far from uniform: an unweighted assignment picks other centroids
+    approx = quantized(weight, Setting(4, 8), 8, importance, fit_rows=16)
+    fitted = quantized(weight[:16], Setting(4, 8), 8, importance)
+    assert torch.equal(approx[:16], fitted)  # the codebook is the one k-means fits on the first rows alone
+    centroids = fitted.reshape(-1, 4).unique(dim=0)
+    assert len(centroids) == 8
+    blocks, weights = weight.reshape(-1, 4), importance.expand(64, 16).reshape(-1, 4)
+    errors = (weights[:, None, :] * (blocks[:, None, :] - centroids[None]) ** 2).sum(-1)  # (blocks, centroids)
+    chosen = ((approx.reshape(-1, 1, 4) == centroids[None]).all(-1)).float().argmax(1)
+    assert torch.equal(chosen, errors.argmin(1))  # every held-out block by its importance-weighted nearest centroid
+    assert not torch.equal(chosen, ((blocks[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1))
+    assert torch.equal(quantized(weight, Setting(4, 8), 8, importance, fit_rows=64), quantized(weight, Setting(4, 8), 8, importance))
+    # at least 2^16 weights, or 32 blocks per centroid, are fitted; scalar settings are not fitted at all
+    assert fit_rows_for([20000, 1024], Setting(4, 256)) == 64 and fit_rows_for([20000, 1024], Setting(16, 256)) == 128
+    assert fit_rows_for([20000, 1024], Setting()) is None
