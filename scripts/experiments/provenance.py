@@ -2,6 +2,7 @@
 repository (no machine's absolute path), the device, the commit."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -12,14 +13,14 @@ from .grid import REPO
 
 def portable(args: Iterable) -> str:
     """A command line with every absolute path made relative to the repository; a path outside it
-    (a private output folder) keeps only its last part, as ".../name"."""
+    (a private output folder) keeps only its last part, as ".../name". Quoted for a shell where needed."""
     out = []
     for arg in map(str, args):
         path = Path(arg)
         if path.is_absolute():
             arg = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else f".../{path.name}"
         out.append(arg)
-    return " ".join(out)
+    return shlex.join(out)
 
 
 @lru_cache(maxsize=None)
