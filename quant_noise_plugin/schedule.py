@@ -80,6 +80,14 @@ class ScheduleConfig:
     def total_updates(self) -> int:
         return sum(s.updates for s in self.stages)
 
+    @property
+    def largest_centroids(self) -> int:
+        """The largest K anywhere in the schedule (defaults, stages, per-layer entries)."""
+        counts = [d.n_centroids for d in self.defaults.values()]
+        for stage in self.stages:
+            counts += list(stage.n_centroids.values()) + [o.n_centroids for o in stage.per_layer if o.n_centroids]
+        return max(counts)
+
 
 def _typed(node, schema, where: str):
     try:

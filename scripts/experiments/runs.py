@@ -67,8 +67,10 @@ class Runner:
 
     def plan_command(self, task: str, mode: str, column: str) -> Tuple[List, Path]:
         """`quant-noise plan` of a row's model for a planned column: the twin column's file bytes as the target, the twin
-        schedule's objective, final scalar bits and updates. The target is known once the twin is packed (before:
-        TWIN_BYTES)."""
+        schedule's objective, final scalar bits and updates, and a menu reaching the twin's largest K (the planner's
+        default stops at 256; the x20 schedule's embedding has 1024). The target is known once the twin is packed
+        (before: TWIN_BYTES)."""
+        from quant_noise_plugin.budget import CENTROID_COUNTS
         from quant_noise_plugin.schedule import load_schedule
 
         twin = column[len(PLAN_PREFIX):]
@@ -80,6 +82,11 @@ class Runner:
         cmd = ["quant-noise", "plan", trained, "--target-size", target, "--calibrate", self.data / task / "bin",
                "--data", self.data / task / "bin", "--objective", twin_schedule.objective,
                "--scalar-bits", twin_schedule.final_scalar_bits or 0, "--updates", twin_schedule.total_updates, "-o", out]
+        if twin_schedule.largest_centroids > max(CENTROID_COUNTS):
+            counts = list(CENTROID_COUNTS)
+            while counts[-1] < twin_schedule.largest_centroids:
+                counts.append(2 * counts[-1])
+            cmd[-2:-2] = ["--centroids", *counts]
         return cmd, out
 
     def budget(self, task: str, mode: str) -> int:
