@@ -157,3 +157,19 @@ def test_annealed_preset_validates_each_epoch_and_compresses_the_best_checkpoint
     assert cls[cls.index("--best-checkpoint-metric") + 1] == "accuracy" and "--maximize-best-checkpoint-metric" in cls
     quick_cls = Runner(load_grid(), "quick", 1, tmp_path / "work", tmp_path / "data").train_command("cls", "none")[0]
     assert "--best-checkpoint-metric" not in quick_cls  # no keep_best: the last checkpoint, the command (and cache key) unchanged
+
+
+def test_a_planned_column_plans_for_its_twins_bytes_objective_and_largest_k(tmp_path):
+    """plan_<twin>: the twin's objective, final bits and updates; a menu reaching the twin's largest K only when the
+    twin goes beyond the planner's default (the x20 schedule's K=1024 embedding), the default menu otherwise."""
+    from quant_noise_plugin.schedule import load_schedule
+
+    runner = Runner(load_grid(), "annealed", 1, tmp_path / "work", tmp_path / "data")
+    wide = [str(c) for c in runner.plan_command("lm", "none", "plan_ipq")[0]]
+    twin = load_schedule(runner.schedule("lm", "ipq"))
+    assert twin.largest_centroids == 1024
+    assert wide[wide.index("--centroids") + 1:wide.index("-o")] == ["4", "8", "16", "32", "64", "128", "256", "512", "1024"]
+    assert wide[wide.index("--objective") + 1] == twin.objective and wide[wide.index("--updates") + 1] == str(twin.total_updates)
+    assert "TWIN_BYTES" in wide  # the target is the twin's file, known once it is packed
+    narrow = [str(c) for c in runner.plan_command("lm", "none", "plan_ipq_x50_out")[0]]
+    assert "--centroids" not in narrow and narrow[narrow.index("--scalar-bits") + 1] == "8"
