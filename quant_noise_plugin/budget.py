@@ -423,7 +423,13 @@ def plan_budget(model: nn.Module, state: Dict, menus: List[WeightMenu], target_b
     picks, predicted = best if best is not None else (smallest, low)
     plan = Plan(menus, picks, target_bytes, predicted, scalar_bits, base_loss, n_batches, low, high)
     if predicted < 0.99 * target_bytes:
-        plan.notes.append(f"the plan uses {predicted / target_bytes:.1%} of the target: no setting on the menu spends more where it lowers the loss")
+        note = f"the plan uses {predicted / target_bytes:.1%} of the target: no setting on the menu spends more where it lowers the loss"
+        largest = max((c.setting.n_centroids for m in menus for c in m.choices if c.setting.is_pq), default=0)
+        topped = [m.name for m, c in zip(menus, picks) if c.setting.is_pq and c.setting.n_centroids == largest]
+        if topped:  # the menu's top is what stopped it: more centroids would spend the rest
+            note += (f"; {len(topped)} weight(s) at the menu's largest K ({largest}, e.g. {topped[0]}): "
+                     f"--centroids ... {2 * largest} {4 * largest} offers more")
+        plan.notes.append(note)
     return plan
 
 

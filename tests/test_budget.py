@@ -230,3 +230,16 @@ def test_the_fisher_proxy_fits_on_a_few_rows_and_codes_the_rest_by_their_weighte
     # at least 2^16 weights, or 32 blocks per centroid, are fitted; scalar settings are not fitted at all
     assert fit_rows_for([20000, 1024], Setting(4, 256)) == 64 and fit_rows_for([20000, 1024], Setting(16, 256)) == 128
     assert fit_rows_for([20000, 1024], Setting()) is None
+
+
+def test_a_plan_short_of_its_budget_says_when_the_menus_largest_k_stopped_it(monkeypatch):
+    import quant_noise_plugin.budget as budget
+
+    monkeypatch.setattr(budget, "planned_file_bytes", lambda model, state, menus, picks, bits: 100 + sum(c.bytes for c in picks))
+    menus = [menu("a", [(100, 9.0), (200, 4.0), (400, 1.0)]), menu("b", [(100, 8.0), (300, 2.0)])]
+    _carry_rises(menus)
+    plan = budget.plan_budget(None, {}, menus, 2000, 8, 0.0, 1, reach=(300, 800))
+    assert [c.bytes for c in plan.picks] == [400, 300] and plan.predicted_file_bytes == 800
+    assert len(plan.notes) == 1 and "uses 40.0% of the target" in plan.notes[0]
+    assert "1 weight(s) at the menu's largest K (16, e.g. a): --centroids ... 32 64 offers more" in plan.notes[0]
+    assert budget.plan_budget(None, {}, menus, 808, 8, 0.0, 1, reach=(300, 800)).notes == []  # within 1%: no note
