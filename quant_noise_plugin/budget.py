@@ -91,6 +91,8 @@ class WeightMenu:
     choices: List[Choice]
     reference: Setting  # where the rise was measured (the proxy's anchor)
     measured_rise: float = 0.0
+    coarse: Optional[Setting] = None  # a second anchor (--anchors 2): the coarsest PQ setting, its rise measured too
+    coarse_rise: float = 0.0
 
     @property
     def name(self) -> str:
@@ -259,7 +261,7 @@ def gradient_squares(model: nn.Module, menus: Sequence[WeightMenu], batches: Seq
 def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[Any], run: Callable[[Any], Any],
                   scalar_bits: Optional[int] = 8, reference_bits: float = 1.0, measure_all: bool = False, n_iter: int = 10,
                   seed: int = 0, backend: str = "auto", progress: Optional[Callable[[str], None]] = None,
-                  sensitivity: str = "measured") -> float:
+                  sensitivity: str = "measured", anchors: int = 1) -> float:
     """Fill each menu's errors and loss rises; returns the model's calibration loss. ``run(batch)`` returns the
     criterion's (loss, sample_size, ...). The model runs in eval mode; its weights are back as they were on return.
 
@@ -267,7 +269,10 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
     their activation-weighted error; ``measure_all``: measured at every setting) or ``fisher`` (no loss measured per
     weight: the rise of each setting estimated as 1/2 sum F dW^2 with F the squared gradients, ``gradient_squares``;
     one backward pass per batch in all, for models too large to run the batches once per weight; its errors come from a
-    k-means on a few rows of each large layer, read on more: fit_rows_for)."""
+    k-means on a few rows of each large layer, read on more: fit_rows_for). ``anchors=2`` (measured): the rise is also
+    measured at each weight's coarsest PQ setting, and carried piecewise (see _carry_rises)."""
+    if anchors not in (1, 2):
+        raise BudgetError(f"--anchors {anchors}: 1 (the reference setting) or 2 (and the coarsest)")
     if sensitivity not in SENSITIVITIES:
         raise BudgetError(f"--sensitivity {sensitivity}: use {', '.join(SENSITIVITIES)}")
     moments = collect_input_moments(model, {m.name: m.names for m in menus}, batches, run)
@@ -303,12 +308,17 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
                 if progress:
                     progress(f"{menu.name}: estimated loss rise {menu.measured_rise:+.4f} at {menu.reference.label(scalar_bits)} (fisher)")
                 continue
-            for choice in menu.choices if measure_all else [c for c in menu.choices if c.setting == menu.reference]:
+            if anchors == 2 and any(c.setting.is_pq for c in menu.choices):
+                menu.coarse = min((c for c in menu.choices if c.setting.is_pq), key=lambda c: (c.bytes, c.error)).setting
+            anchored = (menu.reference, menu.coarse)
+            for choice in menu.choices if measure_all else [c for c in menu.choices if c.setting in anchored]:
                 approx = quantized(weight, choice.setting, scalar_bits, importance, n_iter, seed, backend)
                 with _weight_replaced(model, menu.name, approx):
                     choice.rise = calibration_loss(batches, run) - base
                 if choice.setting == menu.reference:
                     menu.measured_rise = choice.rise
+                if choice.setting == menu.coarse:
+                    menu.coarse_rise = choice.rise
             if progress:
                 progress(f"{menu.name}: loss rise {menu.measured_rise:+.4f} at {menu.reference.label(scalar_bits)}")
     finally:
@@ -321,14 +331,32 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
 def _carry_rises(menus: List[WeightMenu]) -> None:
     """The proxy: each setting's rise is the measured one scaled by the setting's error over the reference's. A
     weight whose measured rise is not positive (too small to see on these batches) counts a thousandth of the mean
-    positive rise per unit of error, so that it still prefers its smaller errors."""
+    positive rise per unit of error, so that it still prefers its smaller errors. With a second anchor (the coarsest
+    setting, measured too), the rise is linear in the error between the two anchors and proportional beyond them:
+    a reference too fine to show a rise (a model trained with noise) no longer makes its coarse settings look free."""
     positive = [m.measured_rise for m in menus if m.measured_rise > 0]
     floor = 1e-3 * (sum(positive) / len(positive)) if positive else 1e-6
     for menu in menus:
         anchor = next(c for c in menu.choices if c.setting == menu.reference)
-        gain = max(menu.measured_rise, floor) / max(anchor.error, 1e-30)
+        low = (anchor.error, max(menu.measured_rise, floor))
+        gain = low[1] / max(low[0], 1e-30)
+        high = None
+        if menu.coarse is not None and menu.coarse != menu.reference:
+            coarse = next(c for c in menu.choices if c.setting == menu.coarse)
+            high = (coarse.error, max(menu.coarse_rise, low[1]))
+            if high[0] < low[0]:
+                low, high = high, low
+            if high[0] - low[0] <= 1e-30:
+                high = None
         for choice in menu.choices:
-            choice.rise = gain * choice.error
+            if high is None:
+                choice.rise = gain * choice.error
+            elif choice.error <= low[0]:
+                choice.rise = low[1] / max(low[0], 1e-30) * choice.error
+            elif choice.error >= high[0]:
+                choice.rise = high[1] / max(high[0], 1e-30) * choice.error
+            else:
+                choice.rise = low[1] + (high[1] - low[1]) * (choice.error - low[0]) / (high[0] - low[0])
 
 
 def allocate(menus: Sequence[WeightMenu], budget: int, resolution: int = RESOLUTION) -> Optional[List[int]]:
@@ -467,7 +495,8 @@ def schedule_text(plan: Plan, model: nn.Module, updates: int = 500, objective: s
     def why(menu: WeightMenu, choice: Choice) -> str:
         return (f"#   {menu.name} ({'x'.join(map(str, menu.shape))}): {choice.setting.label(bits)}, "
                 f"{choice.setting.bits_per_weight(bits):.2f} bits/w, {choice.bytes:,} B, est. loss rise {choice.rise:+.5f}; "
-                f"measured {menu.measured_rise:+.5f} at {menu.reference.label(bits)}")
+                f"measured {menu.measured_rise:+.5f} at {menu.reference.label(bits)}"
+                + (f" and {menu.coarse_rise:+.5f} at {menu.coarse.label(bits)}" if menu.coarse and menu.coarse != menu.reference else ""))
 
     lines = [f"# {title or 'Planned by quant-noise plan'}: a packed file of {plan.predicted_file_bytes:,} bytes predicted "
              f"for a target of {plan.target_bytes:,} ({plan.predicted_file_bytes / plan.target_bytes:.2%})."]
@@ -535,13 +564,13 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
                              scalar_bits: Optional[int] = 8, objective: str = "output", updates: int = 500,
                              block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
                              measure_all: bool = False, title: str = "", progress: Optional[Callable[[str], None]] = None,
-                             sensitivity: str = "measured") -> tuple:
+                             sensitivity: str = "measured", anchors: int = 1) -> tuple:
     """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
     text). The target is checked against what the menus reach before anything is measured."""
     menus = weight_menus(model, scalar_bits, block_sizes, centroid_counts)
     reach = check_reachable(model, state, menus, target_bytes, scalar_bits)
     base = measure_menus(model, menus, batches, run, scalar_bits, reference_bits_for(menus, target_bytes), measure_all,
-                         progress=progress, sensitivity=sensitivity)
+                         progress=progress, sensitivity=sensitivity, anchors=anchors)
     plan = plan_budget(model, state, menus, target_bytes, scalar_bits, base, len(batches), reach)
     return plan, schedule_text(plan, model, updates=updates, objective=objective, title=title)
 

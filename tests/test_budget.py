@@ -243,3 +243,18 @@ def test_a_plan_short_of_its_budget_says_when_the_menus_largest_k_stopped_it(mon
     assert len(plan.notes) == 1 and "uses 40.0% of the target" in plan.notes[0]
     assert "1 weight(s) at the menu's largest K (16, e.g. a): --centroids ... 32 64 offers more" in plan.notes[0]
     assert budget.plan_budget(None, {}, menus, 808, 8, 0.0, 1, reach=(300, 800)).notes == []  # within 1%: no note
+
+
+def test_a_second_anchor_keeps_a_weight_whose_fine_setting_shows_no_rise_from_looking_free_when_coarse():
+    """A model trained with noise can show no rise at the reference; one anchor then carries a floor to every
+    setting, two anchors (the coarsest measured too) make the rise linear in the error between them."""
+    seen = menu("seen", [(400, 1.0), (200, 2.0), (100, 4.0)], rise_scale=0.5)  # the reference's rise: 0.5
+    flat = menu("flat", [(400, 1.0), (200, 2.0), (100, 4.0)], rise_scale=-0.01)  # no rise at the reference
+    _carry_rises([seen, flat])
+    floor = 1e-3 * 0.5
+    assert [c.rise for c in flat.choices] == pytest.approx([floor, 2 * floor, 4 * floor])  # one anchor: the coarsest looks free
+    flat.coarse, flat.coarse_rise = flat.choices[2].setting, 3.0
+    _carry_rises([seen, flat])
+    assert [c.rise for c in flat.choices] == pytest.approx([floor, floor + (3.0 - floor) / 3, 3.0])
+    assert [c.rise for c in seen.choices] == pytest.approx([0.5, 1.0, 2.0])  # a weight without a second anchor: as before
+    assert allocate([seen, flat], 610) == [1, 0]  # the budget goes where the measured rises say, not to the free-looking one
