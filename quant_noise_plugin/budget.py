@@ -261,7 +261,7 @@ def gradient_squares(model: nn.Module, menus: Sequence[WeightMenu], batches: Seq
 def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[Any], run: Callable[[Any], Any],
                   scalar_bits: Optional[int] = 8, reference_bits: float = 1.0, measure_all: bool = False, n_iter: int = 10,
                   seed: int = 0, backend: str = "auto", progress: Optional[Callable[[str], None]] = None,
-                  sensitivity: str = "measured", anchors: int = 1) -> float:
+                  sensitivity: str = "measured", anchors: int = 2) -> float:
     """Fill each menu's errors and loss rises; returns the model's calibration loss. ``run(batch)`` returns the
     criterion's (loss, sample_size, ...). The model runs in eval mode; its weights are back as they were on return.
 
@@ -269,8 +269,9 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
     their activation-weighted error; ``measure_all``: measured at every setting) or ``fisher`` (no loss measured per
     weight: the rise of each setting estimated as 1/2 sum F dW^2 with F the squared gradients, ``gradient_squares``;
     one backward pass per batch in all, for models too large to run the batches once per weight; its errors come from a
-    k-means on a few rows of each large layer, read on more: fit_rows_for). ``anchors=2`` (measured): the rise is also
-    measured at each weight's coarsest PQ setting, and carried piecewise (see _carry_rises)."""
+    k-means on a few rows of each large layer, read on more: fit_rows_for). ``anchors=2`` (measured, the default): the
+    rise is also measured at each weight's coarsest PQ setting, and carried piecewise (see _carry_rises); ``anchors=1``
+    measures the reference alone (a noise-trained model shows no rise there, and its coarse settings then look free)."""
     if anchors not in (1, 2):
         raise BudgetError(f"--anchors {anchors}: 1 (the reference setting) or 2 (and the coarsest)")
     if sensitivity not in SENSITIVITIES:
@@ -564,7 +565,7 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
                              scalar_bits: Optional[int] = 8, objective: str = "output", updates: int = 500,
                              block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
                              measure_all: bool = False, title: str = "", progress: Optional[Callable[[str], None]] = None,
-                             sensitivity: str = "measured", anchors: int = 1) -> tuple:
+                             sensitivity: str = "measured", anchors: int = 2) -> tuple:
     """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
     text). The target is checked against what the menus reach before anything is measured."""
     menus = weight_menus(model, scalar_bits, block_sizes, centroid_counts)

@@ -390,8 +390,8 @@ def cmd_plan(args) -> int:
         raise BudgetError(f"--objective {args.objective}: use {', '.join(OBJECTIVES)}")
     if args.updates <= 0:
         raise BudgetError(f"--updates {args.updates}: must be > 0 (the finetuning updates of the whole schedule)")
-    if args.anchors == 2 and (args.measure_all or args.sensitivity == "fisher"):
-        raise BudgetError("--anchors 2 adds a measured setting per layer: it goes with the default sensitivity, without --measure-all")
+    if args.anchors is not None and (args.measure_all or args.sensitivity == "fisher"):
+        raise BudgetError(f"--anchors {args.anchors}: the measured settings per layer, for the default sensitivity without --measure-all")
     if args.measure_all and args.sensitivity == "fisher":
         raise BudgetError("--measure-all measures every setting's rise; --sensitivity fisher estimates them instead: give one")
     if args.target_ratio is not None and not args.target_ratio > 1:
@@ -411,7 +411,7 @@ def cmd_plan(args) -> int:
     title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
     plan, text = plan_schedule_for_budget(model, state, batches, lambda sample: criterion(model, sample), target, scalar_bits,
                                           args.objective, args.updates, args.block_sizes, args.centroids, args.measure_all,
-                                          title, progress=logger.info, sensitivity=args.sensitivity, anchors=args.anchors)
+                                          title, progress=logger.info, sensitivity=args.sensitivity, anchors=args.anchors or 2)
     with atomic_file(args.output) as tmp:
         tmp.write_text(text)
     seconds = time.perf_counter() - start
@@ -484,10 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", choices=("measured", "fisher"), default="measured",
                    help="measured (default: the calibration batches run once per layer) or fisher (one backward pass per batch "
                         "in all: each setting's rise estimated from squared gradients; for models too large for the former)")
-    p.add_argument("--anchors", type=int, choices=(1, 2), default=1,
-                   help="measured: the settings per layer whose rise is measured: 1 (default: the one nearest the budget's bits) or 2 "
-                        "(and the coarsest: the rise linear in the error between them; for models whose fine settings show no rise, "
-                        "e.g. trained with noise)")
+    p.add_argument("--anchors", type=int, choices=(1, 2), default=None,
+                   help="measured: the settings per layer whose rise is measured: 2 (default: the one nearest the budget's bits and "
+                        "the coarsest, the rise linear in the error between them) or 1 (the first alone: half the measurements, but "
+                        "a model trained with noise shows no rise there and its coarse settings then look free)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("pack", help="inference-only checkpoint: bit-packed codes, fp16/int8 rest")

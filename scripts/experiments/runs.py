@@ -81,7 +81,8 @@ class Runner:
         out = self.work / "plans" / f"{trained.parent.name}-{column}.yaml"
         cmd = ["quant-noise", "plan", trained, "--target-size", target, "--calibrate", self.data / task / "bin",
                "--data", self.data / task / "bin", "--objective", twin_schedule.objective,
-               "--scalar-bits", twin_schedule.final_scalar_bits or 0, "--updates", twin_schedule.total_updates, "-o", out]
+               "--scalar-bits", twin_schedule.final_scalar_bits or 0, "--updates", twin_schedule.total_updates,
+               "--anchors", 2, "-o", out]  # (the default since plans with one anchor lost on noise rows: named, so they replan)
         if twin_schedule.largest_centroids > max(CENTROID_COUNTS):
             counts = list(CENTROID_COUNTS)
             while counts[-1] < twin_schedule.largest_centroids:
