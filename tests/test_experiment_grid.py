@@ -173,3 +173,19 @@ def test_a_planned_column_plans_for_its_twins_bytes_objective_and_largest_k(tmp_
     assert "TWIN_BYTES" in wide  # the target is the twin's file, known once it is packed
     narrow = [str(c) for c in runner.plan_command("lm", "none", "plan_ipq_x50_out")[0]]
     assert "--centroids" not in narrow and narrow[narrow.index("--scalar-bits") + 1] == "8"
+
+
+def test_a_plan_written_by_another_plan_command_does_not_key_the_planned_columns_runs(tmp_path):
+    """A changed plan command (a new flag of `quant-noise plan`) replans: until then the planned column's iPQ run, and
+    so its file and cell, are not those of the old YAML, which would otherwise read as done."""
+    runner = Runner(load_grid(), "annealed", 1, tmp_path / "work", tmp_path / "data")
+    cmd, out = runner.plan_command("lm", "none", "plan_ipq_x50_out")
+    out.parent.mkdir(parents=True)
+    out.write_text("stages: []\n")
+    unplanned = runner.ipq_command("lm", "none", "plan_ipq_x50_out")[1]
+    out.with_suffix(".command").write_text(" ".join(runner.normalized(cmd)).replace("--anchors 2", "--anchors 1"))
+    assert not runner.plan_is_current("lm", "none", "plan_ipq_x50_out")
+    assert runner.ipq_command("lm", "none", "plan_ipq_x50_out")[1] == unplanned  # the old plan's YAML keys nothing
+    out.with_suffix(".command").write_text(" ".join(runner.normalized(cmd)))
+    assert runner.plan_is_current("lm", "none", "plan_ipq_x50_out")
+    assert runner.ipq_command("lm", "none", "plan_ipq_x50_out")[1] != unplanned  # the current plan keys its run by its YAML

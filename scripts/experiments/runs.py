@@ -183,7 +183,8 @@ class Runner:
         else:
             schedule = self.schedule(task, column, mode)
             how = ["--ipq-config", schedule]
-            digest = hashlib.sha256(schedule.read_bytes()).hexdigest() if schedule.exists() else "not planned yet"
+            current = schedule.exists() and (not column.startswith(PLAN_PREFIX) or self.plan_is_current(task, mode, column))
+            digest = hashlib.sha256(schedule.read_bytes()).hexdigest() if current else "not planned yet"  # (a stale plan: replanned first)
         cmd = ["fairseq-train", self.data / task / "bin", *self.grid.tasks[task].ipq, *self.length_flags(task),
                "--lr", self.grid.tasks[task].ipq_lr, *how, "--finetune-from-model", dense,
                *getattr(self.preset, task).arch, *self.grid.mode(task, mode).ipq_flags, *self.common(self.ipq_updates(task, column))]
@@ -244,20 +245,24 @@ class Runner:
             self.plan(task, mode, column)
         return self.run(*self.ipq_command(task, mode, column), "ipq.log")
 
+    def plan_is_current(self, task: str, mode: str, column: str) -> bool:
+        """Whether a planned column's YAML was written by today's plan command (its .command record says which)."""
+        cmd, out = self.plan_command(task, mode, column)
+        record = out.with_suffix(".command")
+        return out.exists() and record.exists() and record.read_text() == " ".join(self.normalized(cmd))
+
     def plan(self, task: str, mode: str, column: str) -> Path:
         """A planned column's schedule, planned once for the twin's bytes (replanned when the plan command changes)."""
         self.compressed(task, mode, column[len(PLAN_PREFIX):])
         cmd, out = self.plan_command(task, mode, column)
-        record = out.with_suffix(".command")
-        line = " ".join(self.normalized(cmd))
-        if out.exists() and record.exists() and record.read_text() == line:
+        if self.plan_is_current(task, mode, column):
             print(f"[done] {out}", flush=True)
         elif self.dry_run:
             self.show(cmd)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             sh(cmd, out.with_suffix(".log"))
-            record.write_text(line)
+            out.with_suffix(".command").write_text(" ".join(self.normalized(cmd)))
         return out
 
     def compressed(self, task: str, mode: str, column: str) -> Path:
