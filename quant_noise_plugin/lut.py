@@ -32,6 +32,9 @@ _REFERENCE_CHUNK = 1 << 22  # table reads per chunk of the torch reference (its 
 @functools.lru_cache(maxsize=None)
 def _numba_kernels():
     """The compiled (codes, bit-packed codes) forms of ``lut_linear``, or None where numba is missing (one log line)."""
+    # fairseq's wav2vec2_classification sets the root logger to DEBUG at import (basicConfig): without this, every
+    # fairseq CLI that loads a packed model prints numba's compiler trace (~16,000 lines a kernel)
+    logging.getLogger("numba").setLevel(logging.WARNING)
     try:
         import numba
         import numpy as np

@@ -213,3 +213,20 @@ def test_bit_packed_codes_compute_alike_and_save_as_before(kernel, k):
     assert saved.keys() == state.keys() and all(torch.equal(saved[key], state[key]) for key in state)
     codebook.load_state_dict(state)  # loading expands the codes again
     assert not codebook.compacted and torch.equal(codebook.codes, plain_codes)
+
+
+def test_loading_the_kernels_keeps_numbas_compiler_trace_out_of_a_debug_root_logger():
+    """fairseq sets the root logger to DEBUG at import (wav2vec2_classification's basicConfig); numba's compiler
+    then logged ~16,000 lines per kernel into every fairseq CLI that loaded a packed model."""
+    import logging
+
+    pytest.importorskip("numba")
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.DEBUG)  # as under fairseq's CLIs (pytest's own handlers keep fairseq's basicConfig from it)
+    try:
+        logging.getLogger("numba").setLevel(logging.NOTSET)
+        lut._numba_kernels.cache_clear()
+        lut._numba_kernels()
+        assert not logging.getLogger("numba.core.byteflow").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(level)
