@@ -503,7 +503,11 @@ def schedule_text(plan: Plan, model: nn.Module, updates: int = 500, objective: s
              f"for a target of {plan.target_bytes:,} ({plan.predicted_file_bytes / plan.target_bytes:.2%})."]
     lines.append(f"# Calibration loss {plan.base_loss:.4f} nats per token over {plan.n_batches} training batches; the picks' "
                  f"summed estimated rise {plan.estimated_rise:+.4f} (each weight alone, before finetuning).")
-    lines.append("# A weight's rise is measured at one setting and carried to the others by their activation-weighted error;")
+    if any(m.coarse for m in plan.menus):
+        lines.append("# A weight's rise is measured at two settings (the reference and its coarsest) and carried to the others")
+        lines.append("# linearly in their activation-weighted error between them;")
+    else:
+        lines.append("# A weight's rise is measured at one setting and carried to the others by their activation-weighted error;")
     lines.append("# edit freely: `quant-noise schedule CKPT THIS.yaml` checks it, the iPQ task runs it.")
     lines += [f"# {note}" for note in plan.notes]
     if left_out:

@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centroids", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
                    help="centroid counts to choose from (default 4 8 ... 256)")
     p.add_argument("--measure-all", action="store_true", help="measure the loss rise of every setting of every layer "
-                   "(slow; default: measured at one setting per layer, carried to the others by their activation-weighted error)")
+                   "(slow; default: measured at two settings per layer, carried to the others by their activation-weighted error)")
     p.add_argument("--sensitivity", choices=("measured", "fisher"), default="measured",
                    help="measured (default: the calibration batches run once per layer) or fisher (one backward pass per batch "
                         "in all: each setting's rise estimated from squared gradients; for models too large for the former)")
