@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SIZES = (4, 8, 16)
 CENTROID_COUNTS = (4, 8, 16, 32, 64, 128, 256)
+# what the defaults plan: bumped when a default changes the plans (2: two anchors), so cached runs that planned
+# for a size (--ipq-target-size) are not taken for today's
+PLANNER_VERSION = 2
 SAMPLE_WEIGHTS = 1 << 18  # the proxy's errors are read on this many weights of each layer (whole rows), at most
 FIT_WEIGHTS = 1 << 16  # fisher (large models): its k-means fits on this many (>= 32 blocks per centroid), the rest held out
 RESOLUTION = 20000  # byte buckets of the knapsack: each weight's bytes round up to budget / RESOLUTION

@@ -189,3 +189,14 @@ def test_a_plan_written_by_another_plan_command_does_not_key_the_planned_columns
     out.with_suffix(".command").write_text(" ".join(runner.normalized(cmd)))
     assert runner.plan_is_current("lm", "none", "plan_ipq_x50_out")
     assert runner.ipq_command("lm", "none", "plan_ipq_x50_out")[1] != unplanned  # the current plan keys its run by its YAML
+
+
+def test_a_run_that_plans_for_a_size_is_keyed_by_the_planners_version(tmp_path, monkeypatch):
+    """--ipq-target-size plans inside the run: a planner whose defaults plan differently is another run, not a cached one."""
+    from quant_noise_plugin import budget
+
+    runner = Runner(load_grid(), "annealed", 1, tmp_path / "work", tmp_path / "data")
+    column = next(iter(runner.preset.lm.targets))
+    today = runner.ipq_command("lm", "none", column)[1]
+    monkeypatch.setattr(budget, "PLANNER_VERSION", budget.PLANNER_VERSION + 1)
+    assert runner.ipq_command("lm", "none", column)[1] != today

@@ -179,7 +179,9 @@ class Runner:
         dense = self.trained(task, mode)
         target = getattr(self.preset, task).targets.get(column)
         if target is not None:  # the iPQ task plans for the target at its start (--ipq-target-size)
-            how, digest = ["--ipq-target-size", target], "target"
+            from quant_noise_plugin.budget import PLANNER_VERSION
+
+            how, digest = ["--ipq-target-size", target], f"target, planner {PLANNER_VERSION}"
         else:
             schedule = self.schedule(task, column, mode)
             how = ["--ipq-config", schedule]
