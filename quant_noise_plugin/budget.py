@@ -44,6 +44,7 @@ CENTROID_COUNTS = (4, 8, 16, 32, 64, 128, 256)
 # what the defaults plan: bumped when a default changes the plans (2: two anchors), so cached runs that planned
 # for a size (--ipq-target-size) are not taken for today's
 PLANNER_VERSION = 2
+ANCHORS = 2  # measured settings per weight by default (--anchors): the reference, and the coarsest PQ setting
 SAMPLE_WEIGHTS = 1 << 18  # the proxy's errors are read on this many weights of each layer (whole rows), at most
 FIT_WEIGHTS = 1 << 16  # fisher (large models): its k-means fits on this many (>= 32 blocks per centroid), the rest held out
 RESOLUTION = 20000  # byte buckets of the knapsack: each weight's bytes round up to budget / RESOLUTION
@@ -264,7 +265,7 @@ def gradient_squares(model: nn.Module, menus: Sequence[WeightMenu], batches: Seq
 def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[Any], run: Callable[[Any], Any],
                   scalar_bits: Optional[int] = 8, reference_bits: float = 1.0, measure_all: bool = False, n_iter: int = 10,
                   seed: int = 0, backend: str = "auto", progress: Optional[Callable[[str], None]] = None,
-                  sensitivity: str = "measured", anchors: int = 2) -> float:
+                  sensitivity: str = "measured", anchors: int = ANCHORS) -> float:
     """Fill each menu's errors and loss rises; returns the model's calibration loss. ``run(batch)`` returns the
     criterion's (loss, sample_size, ...). The model runs in eval mode; its weights are back as they were on return.
 
@@ -572,7 +573,7 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
                              scalar_bits: Optional[int] = 8, objective: str = "output", updates: int = 500,
                              block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
                              measure_all: bool = False, title: str = "", progress: Optional[Callable[[str], None]] = None,
-                             sensitivity: str = "measured", anchors: int = 2) -> tuple:
+                             sensitivity: str = "measured", anchors: int = ANCHORS) -> tuple:
     """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
     text). The target is checked against what the menus reach before anything is measured."""
     menus = weight_menus(model, scalar_bits, block_sizes, centroid_counts)

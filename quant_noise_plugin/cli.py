@@ -379,7 +379,7 @@ def cmd_plan(args) -> int:
     import time
 
     from .atomic import atomic_file
-    from .budget import BudgetError, parse_size, plan_schedule_for_budget
+    from .budget import ANCHORS, BudgetError, parse_size, plan_schedule_for_budget
     from .checkpoints import read_checkpoint
     from .schedule import OBJECTIVES
     from .sizes import dense_fp32_bytes
@@ -411,7 +411,7 @@ def cmd_plan(args) -> int:
     title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
     plan, text = plan_schedule_for_budget(model, state, batches, lambda sample: criterion(model, sample), target, scalar_bits,
                                           args.objective, args.updates, args.block_sizes, args.centroids, args.measure_all,
-                                          title, progress=logger.info, sensitivity=args.sensitivity, anchors=args.anchors or 2)
+                                          title, progress=logger.info, sensitivity=args.sensitivity, anchors=args.anchors or ANCHORS)
     with atomic_file(args.output) as tmp:
         tmp.write_text(text)
     seconds = time.perf_counter() - start

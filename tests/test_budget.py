@@ -258,3 +258,20 @@ def test_a_second_anchor_keeps_a_weight_whose_fine_setting_shows_no_rise_from_lo
     assert [c.rise for c in flat.choices] == pytest.approx([floor, floor + (3.0 - floor) / 3, 3.0])
     assert [c.rise for c in seen.choices] == pytest.approx([0.5, 1.0, 2.0])  # a weight without a second anchor: as before
     assert allocate([seen, flat], 610) == [1, 0]  # the budget goes where the measured rises say, not to the free-looking one
+
+
+def test_by_default_each_weights_rise_is_measured_at_its_reference_and_its_coarsest_setting():
+    """The default (--anchors 2): two measured rises per weight, each the one measuring every setting finds there."""
+    model = Regression()
+    with torch.no_grad():
+        batches = [(x, model(x) + 0.01 * torch.randn(64, 8)) for x in (torch.randn(64, 16) for _ in range(3))]
+    run_batch = lambda b: (((model(b[0]) - b[1]) ** 2).sum(), b[0].shape[0])  # noqa: E731
+    default = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
+    every = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
+    measure_menus(model, default, batches, run_batch, 8)
+    measure_menus(model, every, batches, run_batch, 8, measure_all=True)
+    for menu, all_measured in zip(default, every):
+        coarsest = min((c for c in menu.choices if c.setting.is_pq), key=lambda c: (c.bytes, c.error))
+        assert menu.coarse == coarsest.setting != menu.reference
+        exact = {c.setting: c.rise for c in all_measured.choices}
+        assert menu.coarse_rise == pytest.approx(exact[menu.coarse]) and menu.measured_rise == pytest.approx(exact[menu.reference])

@@ -249,7 +249,9 @@ class Runner:
 
     def plan_is_current(self, task: str, mode: str, column: str) -> bool:
         """Whether a planned column's YAML was written by today's plan command (its .command record says which)."""
-        cmd, out = self.plan_command(task, mode, column)
+        return self._planned_by(*self.plan_command(task, mode, column))
+
+    def _planned_by(self, cmd: List, out: Path) -> bool:
         record = out.with_suffix(".command")
         return out.exists() and record.exists() and record.read_text() == " ".join(self.normalized(cmd))
 
@@ -257,7 +259,7 @@ class Runner:
         """A planned column's schedule, planned once for the twin's bytes (replanned when the plan command changes)."""
         self.compressed(task, mode, column[len(PLAN_PREFIX):])
         cmd, out = self.plan_command(task, mode, column)
-        if self.plan_is_current(task, mode, column):
+        if self._planned_by(cmd, out):
             print(f"[done] {out}", flush=True)
         elif self.dry_run:
             self.show(cmd)
