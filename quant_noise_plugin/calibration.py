@@ -40,6 +40,10 @@ class InputMoments:
     row_counts: Optional[torch.Tensor] = None  # (num_embeddings,) float64
     input_outer: Optional[torch.Tensor] = None  # (in_features, in_features) float64: X^T X, when asked (``full``)
 
+    def reached(self) -> bool:
+        """Whether any calibration input reached the weight (a head the task never runs sees none)."""
+        return bool(self.n_inputs) or (self.row_counts is not None and float(self.row_counts.sum()) > 0)
+
     def hessian(self) -> torch.Tensor:
         """E[x x^T] of the Linear uses' inputs: what error feedback (gptq.py) weighs a weight's error by."""
         if self.input_outer is None or not self.n_inputs:

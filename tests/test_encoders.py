@@ -141,6 +141,21 @@ def test_plan_meets_its_budget_on_a_classifier(encoder_runs, tmp_path):
     assert "classification_heads" in text  # the head is planned with the encoder
 
 
+def test_output_objective_on_a_classifier_fits_its_unused_lm_head_on_its_weights(encoder_runs, tmp_path):
+    """The classifier never runs the masked-LM head, so no calibration input reaches it: that weight falls back to the
+    weights objective (it used to stop the run: "no calibration input reached this weight"), the others fit the output."""
+    root, cls, _ = encoder_runs
+    schedule = tmp_path / "out.yaml"
+    schedule.write_text(SCHEDULE.replace("kmeans_iterations: 5", "kmeans_iterations: 5\nobjective: output"))
+    out = run(["fairseq-train", cls, "--user-dir", PLUGIN, "--task", "ipq_sentence_prediction", "--ipq-config", schedule,
+               "--arch", "qn_roberta_tiny", "--criterion", "sentence_prediction", *CLS, "--finetune-from-model",
+               root / "cls" / "checkpoint_last.pt", "--max-update", "4", "--save-dir", tmp_path / "ipq", *COMMON]).output
+    assert "encoder.lm_head.dense saw no calibration input" in out
+    assert "encoder.lm_head.dense [64, 64] -> 16 x 4 centroids, k-means objective (weights)" in out
+    assert "classification_heads.sentence_classification_head.dense [64, 64] -> 16 x 4 centroids, k-means objective (output)" in out
+    assert 0 < validate(cls, tmp_path / "ipq" / "checkpoint_last.pt", "--user-dir", PLUGIN) < 100
+
+
 HUB = """
 import sys, torch
 from fairseq.models.roberta import RobertaModel

@@ -238,7 +238,8 @@ class IPQTaskMixin:
         """What the plans whose objective reads data fit with (weight name -> keyword arguments of fit_pq), from
         calibration batches run through the model as it is now (earlier stages quantized and finetuned): the same
         for a resumed run. ``activations``: per-weight error weights; ``output``: also the inputs' full second
-        moments and the rows' weights (a weight no Linear uses keeps the activations objective)."""
+        moments and the rows' weights (a weight no Linear uses keeps the activations objective, a weight the task's forward
+        never runs, such as a classifier's masked-LM head, the weights objective)."""
         plans = [p for p in plans if p.objective in ("activations", "output")]
         if not plans:
             return {}
@@ -256,6 +257,9 @@ class IPQTaskMixin:
         fits = {}
         for plan in plans:
             stats = moments[plan.name]
+            if not stats.reached():
+                logger.info("ipq: %s saw no calibration input (this task's forward never runs it): its k-means keeps the weights objective", plan.name)
+                continue
             fits[plan.name] = {"importance": stats.importance()}
             hessian = stats.output_hessian() if plan.objective == "output" else None
             if hessian is not None:
@@ -278,10 +282,11 @@ class IPQTaskMixin:
             start = time.perf_counter()
             fits = self._calibration(inner, criterion, todo)
             for plan in todo:
-                objective = fit_pq(inner, plan, self.ipq_schedule.kmeans_iterations, self.ipq_schedule.seed, self.ipq_cfg.ipq_kmeans_backend,
-                                   **fits.get(plan.name, {}))
+                fit = fits.get(plan.name, {})
+                objective = fit_pq(inner, plan, self.ipq_schedule.kmeans_iterations, self.ipq_schedule.seed, self.ipq_cfg.ipq_kmeans_backend, **fit)
+                used = "output" if "hessian" in fit else "activations" if "importance" in fit else "weights"  # what fitted it, fallbacks included
                 logger.info("ipq stage %s: %s %s -> %d x %d centroids, k-means objective (%s) %.4g", stage.name, plan.name, plan.shape,
-                            plan.n_centroids, plan.block_size, plan.objective, objective)
+                            plan.n_centroids, plan.block_size, used, objective)
             seconds = time.perf_counter() - start
             compressed = sum(r.bytes for r in size_rows(inner))
             dense = dense_fp32_bytes(inner)
