@@ -116,7 +116,17 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _ATTENTION_HOOKED = "_qn_attention_hooked"
 
 
-def _attention_pre_hook(attention: nn.Module, args) -> None:
+def _may_fuse(attention: nn.Module, args, kwargs) -> bool:
+    """Whether fairseq's MultiheadAttention.forward may take the fused kernel for this call: not while decoding
+    incrementally (generation), with a static key/value, or on the path that calls the projections."""
+    incremental_state = kwargs.get("incremental_state", args[4] if len(args) > 4 else None)
+    static_kv = kwargs.get("static_kv", args[6] if len(args) > 6 else False)
+    return incremental_state is None and not static_kv and not getattr(attention, "skip_embed_dim_check", False)
+
+
+def _attention_pre_hook(attention: nn.Module, args, kwargs) -> None:
+    if not _may_fuse(attention, args, kwargs):
+        return  # the projections are called, and their own hooks compute their weights
     for name in PROJECTIONS:
         projection = getattr(attention, name)
         if _FNS in projection.__dict__:
@@ -134,8 +144,9 @@ def materialize_attention_weights(model: nn.Module) -> int:
     fairseq's MultiheadAttention (and its subclasses) may call ``F.multi_head_attention_forward``
     with ``q_proj.weight`` etc. directly, never calling the projections, so their own hooks do not
     fire. Hooks on the attention module put each projection's derived weight in place for the
-    whole attention forward (the fused path reads it; an unfused path calls the projections, whose
-    hooks recompute it). The fast path stays in use. Returns how many attention modules were hooked.
+    whole attention forward, when it may take the fused path (an unfused one, e.g. incremental decoding,
+    calls the projections, whose own hooks compute it: it is not built twice). The fast path stays in
+    use. Returns how many attention modules were hooked.
     """
     hooked = 0
     for module in model.modules():
@@ -144,7 +155,7 @@ def materialize_attention_weights(model: nn.Module) -> int:
             continue
         if any(_FNS in p.__dict__ for p in projections):
             module.__dict__[_ATTENTION_HOOKED] = True
-            module.register_forward_pre_hook(_attention_pre_hook)
+            module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
             module.register_forward_hook(_attention_post_hook, always_call=True)
             hooked += 1
     return hooked

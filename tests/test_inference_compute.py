@@ -213,3 +213,34 @@ def test_attention_whose_projections_all_compute_in_float_takes_the_fused_path_a
     own = model_with_int8_attention(own_setting=True)
     inference.prepare_inference(own)
     assert own.attn.skip_embed_dim_check
+
+
+def test_attention_builds_each_projection_weight_once_per_call_fused_or_incremental():
+    """The attention-level hook puts the projections' weights in place for fairseq's fused kernel; when the call cannot
+    take it (incremental decoding, as in generation), the projections run and compute their own: not twice."""
+    from fairseq.modules import MultiheadAttention
+
+    from quant_noise_plugin.weight_swap import add_weight_fn, materialize_attention_weights
+
+    torch.manual_seed(0)
+    attention = MultiheadAttention(16, 2, self_attention=True).eval()
+    calls = {name: 0 for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+    def counting(name):
+        def fn(weight):
+            calls[name] += 1
+            return weight * 1.0  # a derived copy, as a provider's
+        return fn
+
+    for name in calls:
+        add_weight_fn(getattr(attention, name), counting(name))
+    materialize_attention_weights(attention)
+    x = torch.randn(3, 1, 16)
+    with torch.no_grad():
+        fused = attention(query=x, key=x, value=x)[0]
+        assert set(calls.values()) == {1}
+        state, steps = {}, []
+        for t in range(3):  # token by token, as fairseq's SequenceGenerator
+            steps.append(attention(query=x[t:t + 1], key=x[t:t + 1], value=x[t:t + 1], incremental_state=state)[0])
+    assert set(calls.values()) == {4}  # 1 fused call + 3 incremental ones
+    assert torch.allclose(torch.cat(steps)[-1], fused[-1], atol=1e-5)  # the last step sees every token, as the full call's
