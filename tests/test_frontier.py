@@ -25,8 +25,16 @@ def test_records_ratio_merge_and_verdict():
     quick = [dict(r, preset="quick") for r in records]
     both = merged(quick, records)
     assert len(both) == 8
-    again = merged(both, [dict(records[0], test_ppl=1.0)])  # a rerun replaces its own records only
+    x50_none = next(r for r in records if r["recipe"] == "none" and r["point"] == "ipq_x50")
+    again = merged(both, [dict(x50_none, test_ppl=1.0)])  # a rerun replaces its own records only
     assert len(again) == 8 and [r["test_ppl"] for r in again if r["test_ppl"] == 1.0] == [1.0]
+    fp32_none = next(r for r in records if r["recipe"] == "none" and r["point"] == "fp32")
+    assert len(merged(both, [dict(fp32_none)])) == 8  # the same model's fp32 again: its other points stay
+    # the row retrained (its fp32 scores otherwise): its stored points came from the earlier model and go
+    retrained = merged(both, [dict(fp32_none, test_ppl=39.0, valid_ppl=38.0)])
+    assert sorted((r["preset"], r["recipe"], r["point"]) for r in retrained if r["recipe"] == "none") == [
+        ("annealed", "none", "fp32"), ("quick", "none", "fp32"), ("quick", "none", "ipq_x50")]
+    assert len(retrained) == 7
 
     def recs(recipe, *ppls):
         return [{"recipe": recipe, "seed": i + 1, "test_ppl": p, "valid_ppl": p} for i, p in enumerate(ppls)]

@@ -85,11 +85,21 @@ def _identity(record: dict) -> tuple:
     return record["preset"], record["recipe"], record["point"], record["seed"]
 
 
+def _scores(record: dict) -> tuple:
+    """What a record measured (its valid and test metrics): an fp32 record that scores otherwise is another model."""
+    return tuple(sorted((k, v) for k, v in record.items() if k.startswith(("valid_", "test_"))))
+
+
 def merged(old: List[dict], new: List[dict]) -> List[dict]:
     """``new`` replaces the records of ``old`` with its identities (preset, recipe, point, seed) and keeps
-    the rest, so experiments with other rows or columns of one preset add up; records in a stable order."""
+    the rest, so experiments with other rows or columns of one preset add up; records in a stable order.
+    A row retrained (its fp32 record in ``new`` scores otherwise than the stored one: code or recipe changed) makes
+    the stored points of that row and seed stale: they were compressed from the earlier model, and are dropped."""
     fresh = {_identity(r) for r in new}
-    keep = [r for r in old if _identity(r) not in fresh]
+    stored_fp32 = {(r["preset"], r["recipe"], r["seed"]): r for r in old if r["point"] == "fp32"}
+    retrained = {key for r in new if r["point"] == "fp32" and (key := (r["preset"], r["recipe"], r["seed"])) in stored_fp32
+                 and _scores(stored_fp32[key]) != _scores(r)}
+    keep = [r for r in old if _identity(r) not in fresh and (r["preset"], r["recipe"], r["seed"]) not in retrained]
     every = keep + new
     fp32 = {(r["preset"], r["recipe"], r["seed"]): r["bytes"] for r in every if r["point"] == "fp32"}
     every = [dict(r, ratio=round(fp32[key] / r["bytes"], 2)) if r.get("ratio") is None and (key := (r["preset"], r["recipe"], r["seed"])) in fp32
