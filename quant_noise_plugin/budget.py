@@ -289,10 +289,7 @@ def measure_menus(model: nn.Module, menus: List[WeightMenu], batches: Sequence[A
         generator = torch.Generator().manual_seed(seed)
         for menu in menus:
             weight = model.get_submodule(menu.name)._parameters["weight"].detach().float()
-            try:
-                importance = moments[menu.name].importance().expand(weight.shape)
-            except ValueError:  # no calibration input reached it (a head the task never runs): the weight error
-                importance = torch.ones_like(weight)
+            importance = moments[menu.name].importance_for(weight)  # uniform for a head the task never runs: the weight error
             # the proxy's errors on whole rows, up to 2^18 weights of them (fisher: its k-means fitted on fewer, fit_rows_for)
             rows = max(1, min(weight.shape[0], math.ceil(SAMPLE_WEIGHTS / max(1, weight[0].numel()))))
             picked = torch.randperm(weight.shape[0], generator=generator)[:rows]

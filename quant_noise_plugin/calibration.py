@@ -44,6 +44,11 @@ class InputMoments:
         """Whether any calibration input reached the weight (a head the task never runs sees none)."""
         return bool(self.n_inputs) or (self.row_counts is not None and float(self.row_counts.sum()) > 0)
 
+    def importance_for(self, weight: torch.Tensor) -> torch.Tensor:
+        """``importance`` expanded to the weight's shape; uniform (the weights objective) where no calibration input
+        reached the weight, e.g. a classifier's masked-LM head, which its task never runs."""
+        return self.importance().expand(weight.shape) if self.reached() else torch.ones_like(weight)
+
     def hessian(self) -> torch.Tensor:
         """E[x x^T] of the Linear uses' inputs: what error feedback (gptq.py) weighs a weight's error by."""
         if self.input_outer is None or not self.n_inputs:

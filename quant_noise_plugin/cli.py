@@ -198,8 +198,6 @@ def _objective_errors(state, model, task, args, schedule, plans) -> dict:
     """Per plan and objective (weights, activations, output), the relative (weight, diagonal output estimate, output)
     errors of that objective's fit (the output objective and error: a weight with no Linear use has none; the output
     objective then keeps the activations fit, as the iPQ task does)."""
-    import torch
-
     from .calibration import collect_input_moments
     from .gptq import output_error
     from .pq import PQCodebook
@@ -210,8 +208,7 @@ def _objective_errors(state, model, task, args, schedule, plans) -> dict:
     for plan in plans:
         stats = moments[plan.name]
         weight = model.get_submodule(plan.name).weight.detach().float()
-        # a weight the task's forward never runs (a classifier's masked-LM head): every objective fits its weights
-        importance = stats.importance().expand(weight.shape) if stats.reached() else torch.ones_like(weight)
+        importance = stats.importance_for(weight)  # uniform for a weight the task never runs: its weights are fitted
         hessian = stats.output_hessian()
         row = []
         for fit in ({}, {"importance": importance}, {"importance": importance, "hessian": hessian, "row_weights": stats.row_weights()}):

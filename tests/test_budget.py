@@ -84,11 +84,18 @@ class Regression(nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
-def test_measured_rises_restore_the_weights_and_anchor_the_proxy():
+def fitted_regression():
+    """A Regression model, batches of targets it fits up to noise (any change of its weights raises the loss), and the
+    squared error of a batch as the planner's ``run`` returns it."""
     model = Regression()
-    with torch.no_grad():  # targets the model fits up to noise: any change of its weights raises the loss
+    with torch.no_grad():
         batches = [(x, model(x) + 0.01 * torch.randn(64, 8)) for x in (torch.randn(64, 16) for _ in range(3))]
     run_batch = lambda b: (((model(b[0]) - b[1]) ** 2).sum(), b[0].shape[0])  # noqa: E731
+    return model, batches, run_batch
+
+
+def test_measured_rises_restore_the_weights_and_anchor_the_proxy():
+    model, batches, run_batch = fitted_regression()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     menus = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
     measured = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
@@ -191,10 +198,7 @@ def test_an_unreachable_budget_is_a_one_line_error_with_the_reachable_sizes(lm_d
 
 
 def test_fisher_sensitivity_estimates_the_measured_rises_in_one_backward_pass_per_batch():
-    model = Regression()
-    with torch.no_grad():
-        batches = [(x, model(x) + 0.01 * torch.randn(64, 8)) for x in (torch.randn(64, 16) for _ in range(3))]
-    run_batch = lambda b: (((model(b[0]) - b[1]) ** 2).sum(), b[0].shape[0])  # noqa: E731
+    model, batches, run_batch = fitted_regression()
     fisher = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
     measured = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
     measure_menus(model, fisher, batches, run_batch, 8, sensitivity="fisher")
@@ -262,10 +266,7 @@ def test_a_second_anchor_keeps_a_weight_whose_fine_setting_shows_no_rise_from_lo
 
 def test_by_default_each_weights_rise_is_measured_at_its_reference_and_its_coarsest_setting():
     """The default (--anchors 2): two measured rises per weight, each the one measuring every setting finds there."""
-    model = Regression()
-    with torch.no_grad():
-        batches = [(x, model(x) + 0.01 * torch.randn(64, 8)) for x in (torch.randn(64, 16) for _ in range(3))]
-    run_batch = lambda b: (((model(b[0]) - b[1]) ** 2).sum(), b[0].shape[0])  # noqa: E731
+    model, batches, run_batch = fitted_regression()
     default = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
     every = weight_menus(model, 8, block_sizes=(4, 8), centroid_counts=(4, 16))
     measure_menus(model, default, batches, run_batch, 8)
