@@ -19,8 +19,14 @@ $(STAMP): setup.py
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The tests whose numbers depend on the CPU's int8 and vector kernels run twice: as this CPU is, then as an AVX2-only
+# CPU without VNNI (7-bit activations on the int8 kernel), through the switches int8_linear.AVX2_WITHOUT_VNNI names
+CPU_CLASS_TESTS := tests/test_int8_activations.py tests/test_inference_compute.py tests/test_lut.py tests/test_safety_and_fallbacks.py
+AVX2_ENV = $(BIN)/python -c "from quant_noise_plugin.int8_linear import AVX2_WITHOUT_VNNI as e; print(*(f'{k}={v}' for k, v in e.items()))"
+
 test: setup
 	$(BIN)/python -m pytest -q
+	env $$($(AVX2_ENV)) $(BIN)/python -m pytest -q $(CPU_CLASS_TESTS)
 
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/demo.py

@@ -46,8 +46,7 @@ from experiments.runs import Runner  # noqa: E402
 from experiments.shell import PLUGIN, pack_once as pack, sh  # noqa: E402
 
 WORK = REPO / "work_dirs" / "reproduce"
-CPU_CLASSES = {"this CPU": {}, "AVX2 without VNNI (emulated)": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                                                                  "ATEN_CPU_CAPABILITY": "avx2", "NUMBA_CPU_NAME": "haswell"}}
+CPU_CLASSES = {"this CPU": {}, "AVX2 without VNNI (emulated)": AVX2_WITHOUT_VNNI}
 # glibc raises its mmap threshold as big blocks are freed (fairseq builds the dense model before the compressed
 # layers drop it), after which freed memory stays in RSS and hides what the model holds: a fixed threshold returns it
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -40,9 +40,11 @@ def affine_qparams(lo: float, hi: float, bits: int = 8) -> Tuple[float, int]:
 
 
 def fake_quantize_activation(x: Tensor, scale: float, zero_point: int, bits: int = 8) -> Tensor:
-    """Quantize then dequantize with fixed parameters (the arithmetic the int8 kernels do on their input)."""
+    """Quantize then dequantize with fixed parameters (the arithmetic the int8 kernels do on their input: x times
+    1/scale, as int8_linear.quantize_input and torch's fake_quantize round, so a value at a rounding tie lands
+    on the kernel's code)."""
     qmax = 2**bits - 1
-    return (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
+    return (torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, qmax) - zero_point) * scale
 
 
 class ActivationStats:

@@ -14,6 +14,7 @@ and never share a chapter. Each part is built in a temporary directory and moved
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -56,6 +57,13 @@ def ensure_debian_packages() -> None:
         return
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise DataError(f"the corpora need the Debian packages {' '.join(DEBIAN_PACKAGES)}: run `sudo apt-get install -y {' '.join(DEBIAN_PACKAGES)}`")
+    with open(Path(tempfile.gettempdir()) / "quant-noise-apt.lock", "w") as lock:  # one install at a time (a test
+        fcntl.flock(lock, fcntl.LOCK_EX)  # suite's workers on a fresh machine): the next finds the tools and returns
+        if not _have_tools():
+            _apt_install()
+
+
+def _apt_install() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)

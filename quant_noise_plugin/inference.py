@@ -218,7 +218,11 @@ def _summary(weights: List[Int8LinearWeight]):
     on_kernel = [w for w in weights if w.compute == "int8"]
     floats = [w for w in weights if w.compute == "float"]
     if int8_linear.kernel_switch() == "0":
-        return logging.INFO, f"int8 activations: {n} Linear layers on the fake-quant reference path (QUANT_NOISE_INT8_KERNELS=0)"
+        message = f"int8 activations: {n} Linear layers on the fake-quant reference path (QUANT_NOISE_INT8_KERNELS=0)"
+        reduced = [w for w in weights if w.input_bits != 8]
+        if reduced:
+            message += f", {len(reduced)} with {reduced[0].input_bits}-bit activations as this CPU's kernel: {support.reason}"
+        return logging.INFO, message
     if support.activation_bits is None:
         return (logging.WARNING, f"int8 activations: no int8 kernel on this machine ({support.reason}); "
                                  f"{len(floats)} of {n} Linear layers compute in float with their decoded int8/PQ weights")

@@ -14,7 +14,8 @@ over the same calibrated range) and measured faster than float for the layer's s
 the decoded weight on the float input (no int8 kernel on this CPU, or a shape too small to gain);
 ``QUANT_NOISE_INT8_KERNELS=0`` asks for the fake-quant reference everywhere,
 ``F.linear(fake_quantize(x), dequantized weight, b)``: the numbers the kernel is tested against
-(also what a CUDA input gets). Any other use of the tensor sees the dequantized weight.
+(also what a CUDA input gets), at the activation bits the kernel takes on this CPU (7 without VNNI:
+``activation_bits_here``). Any other use of the tensor sees the dequantized weight.
 
 Why this kernel (measured here, README): it takes plain int8/uint8 tensors, where fbgemm's
 ``quantized::linear*`` ops need torch's quantized dtypes, deprecated since torch 2.13 (pytorch
@@ -44,6 +45,10 @@ logger = logging.getLogger(__name__)
 KERNEL_SWITCH = "QUANT_NOISE_INT8_KERNELS"  # see kernel_switch()
 SIGNED_OFFSET = 128  # uint8 code c with zero point 128 is the signed int8 value c - 128
 REDUCED_ACTIVATION_BITS = 7  # reduce range: uint8 codes in [0, 127]
+# oneDNN's, MKL's, ATen's and numba's own switches that make this CPU compute as an AVX2-only one (no AVX-512, no
+# VNNI): the int8 probe then fails at 8 bits, as on a real one. The benchmarks and `make test`'s second pass use it.
+AVX2_WITHOUT_VNNI = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                     "NUMBA_CPU_NAME": "haswell"}
 MIN_SPEEDUP = 1.1  # int8 compute must beat float by this much on a layer's shape to be chosen (timer noise)
 SPEED_TOKENS = 256  # rows of the micro-benchmark's input: an eval batch's share of one layer call
 
@@ -140,6 +145,15 @@ def int8_kernels_enabled() -> bool:
     return kernel_switch() != "0" and _kernel_works()
 
 
+def activation_bits_here(has_int8_codes: bool) -> int:
+    """The bits a layer's inputs are quantized to on this CPU, by the kernel and by its reference alike: the kernel's
+    exact width where it could run the layer (7 without VNNI), so ``QUANT_NOISE_INT8_KERNELS=0`` checks the
+    numbers the kernel computes here; 8, the stored model's, where no kernel could (no kernel, weights not
+    symmetric int8)."""
+    bits = kernel_support().activation_bits if has_int8_codes else None
+    return bits or 8
+
+
 def reduced_range(scale: float, zero_point: int, bits: int) -> Tuple[float, int]:
     """The same calibrated range [lo, hi] on ``bits``-bit codes (a coarser step, nothing more clipped)."""
     lo, hi = -zero_point * scale, (255 - zero_point) * scale
@@ -231,7 +245,7 @@ class Int8LinearWeight(ComputedWeight):
         "float" or "reference", by default ``choose_compute`` for this shape on this machine.
 
         Without codes (a weight that is not symmetric int8), only the reference path exists. On a CPU
-        that needs reduce range, the int8 path quantizes inputs over the same range on 7 bits.
+        that needs reduce range, the int8 path and its reference quantize inputs over the same range on 7 bits.
         """
         out_features, in_features = self.shape
         if compute is None:
@@ -241,7 +255,7 @@ class Int8LinearWeight(ComputedWeight):
         if compute == "int8" and (codes is None or not _kernel_works()):
             raise ValueError("int8 compute needs symmetric int8 codes and a working int8 kernel")
         self.compute = compute
-        self.input_bits = kernel_support().activation_bits if compute == "int8" else 8
+        self.input_bits = activation_bits_here(codes is not None)
         if self.input_bits != 8:
             input_scale, input_zero_point = reduced_range(input_scale, input_zero_point, self.input_bits)
         self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None) if compute == "int8" else None  # built once

@@ -15,12 +15,11 @@ from quant_noise_plugin import inference, int8_linear
 from quant_noise_plugin.activations import ActivationQuantizer, affine_qparams, fake_quantize_activation
 from quant_noise_plugin.compressed import attach_activation_quantizer, attach_provider, free_dense_weight
 from quant_noise_plugin.decoded import LOW_MEMORY_SWITCH, decoded, is_cached
-from quant_noise_plugin.int8_linear import Int8LinearWeight, choose_compute, reduced_range
+from quant_noise_plugin.int8_linear import AVX2_WITHOUT_VNNI, Int8LinearWeight, choose_compute, reduced_range
 from quant_noise_plugin.pq import PQCodebook
 from quant_noise_plugin.providers import PQ_CHILD, SCALAR_CHILD
 from quant_noise_plugin.scalar import ScalarCodes, quantize
 
-AVX2_WITHOUT_VNNI = {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # oneDNN's own switch: its kernels as on an AVX2-only CPU
 
 
 def pq_linear(seed=0):
@@ -157,7 +156,9 @@ def test_one_line_says_what_runs_and_why(monkeypatch, caplog):
         layers = inference.prepare_inference(int8_model())
     lines = [r for r in caplog.records if r.name == "quant_noise_plugin.inference"]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
-    assert "2 of 3 Linear layers on oneDNN int8 kernels; 1 in float compute (int8 measured slower" in lines[0].getMessage()
+    support = int8_linear.kernel_support()  # what this CPU's kernel takes: the line says 7-bit inputs and why, or nothing
+    bits = "" if support.activation_bits == 8 else f" with {support.activation_bits}-bit activations: {support.reason}"
+    assert f"2 of 3 Linear layers on oneDNN int8 kernels{bits}; 1 in float compute (int8 measured slower" in lines[0].getMessage()
     assert [w.compute for w in layers.values()] == ["int8", "int8", "float"]
 
     caplog.clear()

@@ -11,12 +11,13 @@ from torch import nn
 
 from conftest import PLUGIN, eval_lm_ppl, run
 from quant_noise_plugin.activations import ActivationStats, affine_qparams, fake_quantize_activation
-from quant_noise_plugin.int8_linear import Int8LinearWeight, int8_kernels_enabled
+from quant_noise_plugin.int8_linear import AVX2_WITHOUT_VNNI, Int8LinearWeight, activation_bits_here, int8_kernels_enabled, reduced_range
 from quant_noise_plugin.noise import activation_noise
 from quant_noise_plugin.quant_noise import QuantNoiseConfig, apply_quant_noise_
 from quant_noise_plugin.scalar import quantize
 
 KERNELS = int8_kernels_enabled()  # oneDNN int8 in this torch, exact on this CPU (without them: the reference path, same numbers)
+BITS = activation_bits_here(True)  # what symmetric int8 layers' inputs are quantized to here: 8, or 7 on a CPU without VNNI
 
 
 def observed(values):
@@ -69,14 +70,24 @@ def test_int8_kernel_matches_the_fake_quant_reference():
     codes, scale, zero_point, dense = _int8_weight()
     x = torch.randn(3, 10, 64) * 2
     in_scale, in_zero_point = affine_qparams(float(x.min()), float(x.max()))
+    for compute in ("int8" if KERNELS else "reference", "reference"):  # the kernel and, on the same machine, its reference
+        weight = Int8LinearWeight.from_codes(codes, scale, zero_point, in_scale, in_zero_point, dequantize=lambda: dense,
+                                             compute=compute)
+        assert weight.input_bits == BITS, compute  # the kernel's exact width on this CPU, for the reference too
     weight = Int8LinearWeight.from_codes(codes, scale, zero_point, in_scale, in_zero_point, dequantize=lambda: dense,
                                          compute="int8" if KERNELS else "reference")
-    assert weight.uses_kernel == KERNELS and weight.input_bits == 8
+    assert weight.uses_kernel == KERNELS
     bias = torch.randn(96)
     kernel = F.linear(x, weight, bias)
-    reference = F.linear(fake_quantize_activation(x, in_scale, in_zero_point), dense, bias)
+
+    def fake_quantized_linear(bits):
+        params = (in_scale, in_zero_point) if bits == 8 else reduced_range(in_scale, in_zero_point, bits)
+        return F.linear(fake_quantize_activation(x, *params, bits), dense, bias)
+
+    reference, other_width = fake_quantized_linear(BITS), fake_quantized_linear(7 if BITS == 8 else 8)
     assert kernel.shape == (3, 10, 96)
     assert torch.allclose(kernel, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(kernel, other_width, atol=1e-5, rtol=1e-5)  # the tolerance tells 7-bit inputs from 8-bit ones
     assert torch.allclose(weight.reference_linear(x, bias), reference, atol=1e-6)
     layer = nn.Linear(64, 96)
     layer.__dict__["weight"] = weight  # what weight_swap does
@@ -208,7 +219,7 @@ def test_every_linear_of_the_packed_model_runs_on_int8_kernels_with_reference_lo
     assert f"kernel layers {13 if KERNELS else 0}" in out  # 8 attention projections, 4 FFN, the tied output projection (PQ, int8 centroids)
     run([sys.executable, "-c", LOGITS, path, lm_data, tmp_path / "reference.pt"], env={**os.environ, "QUANT_NOISE_INT8_KERNELS": "0"})
     kernel, reference = torch.load(tmp_path / "kernel.pt"), torch.load(tmp_path / "reference.pt")
-    assert torch.allclose(kernel, reference, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(kernel, reference, atol=1e-3, rtol=1e-4)  # inputs one bit apart differ by ~1e-2 (7 vs 8 bits)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -248,7 +259,7 @@ def test_without_vnni_eval_lm_says_so_and_7_bit_inputs_keep_the_perplexity(w8a8,
         return float([line for line in output.splitlines() if "Perplexity:" in line][-1].rsplit("Perplexity:", 1)[1])
 
     native = run(cmd, env=every_layer).output
-    avx2 = run(cmd, env={**every_layer, "ONEDNN_MAX_CPU_ISA": "AVX2"}).output  # oneDNN as on an AVX2-only CPU
+    avx2 = run(cmd, env={**every_layer, **AVX2_WITHOUT_VNNI}).output  # as on an AVX2-only CPU
     said = [line for line in avx2.splitlines() if "int8 activations:" in line]
     assert len(said) == 1 and "13 of 13 Linear layers on oneDNN int8 kernels with 7-bit activations: this CPU lacks VNNI" in said[0]
     assert ppl(avx2) == pytest.approx(ppl(native), rel=5e-3)
