@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 
-.PHONY: setup test demo reproduce bench clean
+.PHONY: setup test demo reproduce bench mutation clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_kmeans.py
 	$(BIN)/python benchmarks/bench_noise_throughput.py
 	$(BIN)/python benchmarks/bench_eval_memory.py
+
+# do the fast tests fail when sizes, schedule, pq, scalar, bitpack, gptq or integrity is grossly wrong? results/mutation.md
+# (every mutant, ~5 min on 2 cores; ARGS="--per-module 40" for a sample)
+mutation: setup
+	$(BIN)/python benchmarks/mutation.py $(ARGS)
 
 clean:
 	rm -rf checkpoints work_dirs

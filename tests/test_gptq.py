@@ -132,3 +132,117 @@ def test_output_objective_keeps_kmeans_centroids_above_the_refit_limit(monkeypat
     monkeypatch.setattr(gptq, "REFIT_UNKNOWNS", centroids.numel() - 1)
     fitted, codes, _ = quantize_pq_to_output(weight, hessian, centroids)
     assert torch.equal(fitted, centroids) and torch.equal(codes, assign_codes_with_error_feedback(weight, hessian, centroids))
+
+
+# --- pinned by hand: the defaults, the dead-input rule, the metric, the ridge, the rounds -----------------------------
+
+
+def test_output_error_by_hand():
+    weight = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    approx = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    hessian = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    # rows' errors (0, 1) and (1, 0): 1 * 1 and 2 * 1; rows' w^T H w: 2 + 4 = 6 and 18
+    assert output_error(weight, approx, hessian) == pytest.approx((1 + 2) / (6 + 18), rel=1e-12)
+    assert output_error(weight, approx, hessian, row_weights=torch.tensor([3.0, 1.0])) == pytest.approx((3 + 2) / (18 + 18), rel=1e-12)
+    assert output_error(weight, weight, hessian) == 0.0
+    assert output_error(torch.zeros(2, 2), torch.zeros(2, 2), hessian) == 0.0  # nothing to lose: 0, not 0 / 0
+    assert output_error(weight * 1e-3, approx * 1e-3, hessian) == pytest.approx(3 / 24, rel=1e-6)  # a ratio: no scale
+
+
+def test_the_damping_adds_a_hundredth_of_the_mean_diagonal_and_a_dead_input_counts_as_unit():
+    from quant_noise_plugin.gptq import _inverse_factor
+
+    moments = torch.tensor([4.0, 0.0, 1.0, 3.0])  # input 1 never active
+    u = _inverse_factor(torch.diag(moments), 0.01)
+    damped = torch.tensor([4.0, 1.0, 1.0, 3.0]) + 0.01 * 9.0 / 4  # the dead input at 1, then 0.01 x the mean diagonal
+    assert torch.allclose(u, torch.diag(damped.rsqrt()), atol=1e-6)
+    weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    default = quantize_with_error_feedback(weight, _correlated_inputs(cols=4), 3)
+    explicit = quantize_with_error_feedback(weight, _correlated_inputs(cols=4), 3, damping=0.01)
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+
+
+def test_the_lazy_block_only_batches_the_update():
+    """Columns updated a block at a time (block 16 here, 128 by default) give the codes one column at a time gives."""
+    weight = torch.randn(24, 96, generator=torch.Generator().manual_seed(5)) * 0.1
+    hessian = _correlated_inputs()
+    whole = quantize_with_error_feedback(weight, hessian, 3)
+    for block in (16, 96, 128):
+        assert torch.equal(quantize_with_error_feedback(weight, hessian, 3, block=block)[0], whole[0])
+
+
+def test_a_dead_input_weighs_as_a_unit_input_in_the_pq_metric():
+    weight, centroids, _ = _pq_layer()
+    moments = torch.rand(96, generator=torch.Generator().manual_seed(3)) + 0.5
+    moments[5] = moments[17] = 0.0
+    codes = assign_codes_with_error_feedback(weight, torch.diag(moments), centroids, damping=0.0)
+    unit = moments.clone()
+    unit[5] = unit[17] = 1.0
+    nearest, _ = assign(weight.reshape(-1, 8), centroids, importance=unit.expand(weight.shape).reshape(-1, 8))
+    assert torch.equal(codes, nearest)
+
+
+def test_one_group_takes_the_centroid_nearest_in_the_damped_input_metric():
+    """A weight one block wide: no later column compensates, so each row takes argmin_q (w - q)^T H' (w - q), with
+    H' = H + 0.01 x its mean diagonal."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 4, generator=g) @ torch.randn(4, 4, generator=g)
+    hessian = x.T @ x / 512
+    weight, centroids = torch.randn(64, 4, generator=g), torch.randn(16, 4, generator=g)
+    damped = hessian + 0.01 * torch.diagonal(hessian).mean() * torch.eye(4)
+    diff = weight.unsqueeze(1) - centroids.unsqueeze(0)  # (rows, K, 4)
+    costs = torch.einsum("rki,ij,rkj->rk", diff, damped, diff)
+    assert torch.equal(assign_codes_with_error_feedback(weight, hessian, centroids), costs.argmin(dim=1))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_the_centroid_refit_pulls_towards_the_start_by_a_hundredth_of_its_systems_mean_diagonal(scale):
+    """At the solution, the output loss's gradient is 2 ridge (start - c), ridge = 0.01 x the mean diagonal of the
+    loss's half Hessian (the normal equations' matrix), however small the inputs."""
+    g = torch.Generator().manual_seed(6)
+    weight, start = torch.randn(6, 4, generator=g), torch.randn(3, 2, generator=g)
+    codes = torch.tensor([0, 1, 1, 2, 0, 0, 2, 1, 1, 1, 0, 2])
+    x = torch.randn(64, 4, generator=g)
+    hessian = (x.T @ x / 64).double() * scale
+    rows = torch.rand(6, generator=g).double() + 0.5
+
+    def loss(c):
+        diff = weight.double() - c[codes].reshape(6, 4)
+        return (rows.unsqueeze(1) * (diff @ hessian) * diff).sum()
+
+    fitted = fit_centroids_to_output(weight, hessian.float(), codes, start, row_weights=rows.float()).double()
+    half_hessian = torch.autograd.functional.hessian(loss, fitted).reshape(6, 6) / 2
+    ridge = 0.01 * torch.diagonal(half_hessian).mean()
+    (grad,) = torch.autograd.grad(loss(fitted.requires_grad_(True)), fitted)
+    assert torch.allclose(grad, 2 * ridge * (start.double() - fitted.detach()), atol=1e-4 * scale)
+
+
+def test_inputs_no_batch_reached_leave_the_centroids_where_they_started():
+    weight, centroids, codes = _pq_layer()
+    fitted = fit_centroids_to_output(weight, torch.zeros(96, 96), codes, centroids)
+    assert torch.allclose(fitted, centroids, atol=1e-6)
+
+
+def test_codes_and_centroids_alternate_twice_while_the_error_falls(monkeypatch):
+    import quant_noise_plugin.gptq as gptq
+
+    weight, centroids, _ = _pq_layer()
+    hessian = _correlated_inputs()
+    calls, errors = [], iter([0.5, 0.4, 0.3, 0.2])
+    real = gptq.assign_codes_with_error_feedback
+    monkeypatch.setattr(gptq, "assign_codes_with_error_feedback", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gptq, "output_error", lambda *a: next(errors))
+    assert quantize_pq_to_output(weight, hessian, centroids)[2] == 0.4 and len(calls) == 2  # two rounds by default
+    calls.clear()
+    monkeypatch.setattr(gptq, "output_error", lambda *a: 0.5)  # no better: the first pair is kept, no third round
+    first = quantize_pq_to_output(weight, hessian, centroids, rounds=3)
+    assert len(calls) == 2 and torch.equal(first[1], real(weight, hessian, centroids))
+    calls.clear()
+    monkeypatch.setattr(gptq, "REFIT_UNKNOWNS", centroids.numel())  # at the limit: still refit
+    refit = quantize_pq_to_output(weight, hessian, centroids)
+    assert not torch.equal(refit[0], centroids)
+    calls.clear()
+    monkeypatch.setattr(gptq, "REFIT_UNKNOWNS", centroids.numel() - 1)  # past it: the codes alone, once
+    quantize_pq_to_output(weight, hessian, centroids)
+    assert len(calls) == 1
+    assert gptq.REFIT_UNKNOWNS == 16 * 8 - 1 and monkeypatch.undo() is None and gptq.REFIT_UNKNOWNS == 512 * 8

@@ -1,4 +1,6 @@
 """Packed files notice their own corruption (integrity.py); through the CLIs in test_cli_ipq.py."""
+import zlib
+
 import pytest
 import torch
 
@@ -52,6 +54,38 @@ def test_renamed_missing_or_reshaped_tensors_are_caught(damage, message):
 def test_packed_state_dicts_are_told_from_training_ones():
     assert looks_packed(_state())
     assert not looks_packed({"a.weight_pq.centroids": torch.zeros(4, 2), "a.weight_pq.codes": torch.zeros(8, dtype=torch.uint8)})
+    assert looks_packed({"a.weight_int.codes": torch.zeros(8, dtype=torch.uint8)})  # int8 weights: a packed file's only
+    assert looks_packed({"a.weight_pq.centroids_codes": torch.zeros(4, 2, dtype=torch.uint8)})  # int centroids
+    assert looks_packed({"a.weight_pq.centroids": torch.zeros(4, 2).half()})  # fp16 centroids
+
+
+def test_a_file_packed_before_checksums_is_noticed_once_per_process(caplog):
+    """As a fresh process sees it: the module run anew (its own objects put back after, for the other tests)."""
+    import importlib
+
+    from quant_noise_plugin import integrity
+
+    saved = dict(integrity.__dict__)
+    try:
+        importlib.reload(integrity)
+        with caplog.at_level("WARNING", logger="quant_noise_plugin.integrity"):
+            integrity.notice_unverified("old.pt")
+            integrity.notice_unverified("older.pt")
+    finally:
+        integrity.__dict__.clear()
+        integrity.__dict__.update(saved)
+    assert [r.getMessage() for r in caplog.records] == [
+        "old.pt: packed before checksums (quant-noise < format 2): its contents cannot be verified"]
+
+
+def test_the_config_checksum_covers_everything_but_the_tensors_in_any_key_order():
+    from quant_noise_plugin.integrity import config_crc32
+
+    state = {"cfg": {"a": 1, "b": [2, 3]}, "task_state": {"x": "y"}, "model": {"w": torch.zeros(2)}}
+    same = {"task_state": {"x": "y"}, "cfg": {"b": [2, 3], "a": 1}, "model": {"w": torch.ones(2)}, "last_optimizer_state": {}}
+    assert config_crc32(state) == config_crc32(same)  # key order and the tensors do not count
+    assert config_crc32(state) != config_crc32({**state, "cfg": {"a": 2, "b": [2, 3]}})
+    assert config_crc32(state) == zlib.crc32(b'{"cfg": {"a": 1, "b": [2, 3]}, "task_state": {"x": "y"}}')
 
 
 def test_a_file_verified_when_read_is_not_hashed_again(tmp_path, monkeypatch):

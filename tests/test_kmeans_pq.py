@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quant_noise_plugin.bitpack import pack_bits, smallest_int_dtype, unpack_bits
+from quant_noise_plugin.bitpack import bits_for, pack_bits, smallest_int_dtype, unpack_bits
 from quant_noise_plugin.kmeans import assign, kmeans
 from quant_noise_plugin.pq import PQCodebook
 
@@ -86,10 +86,27 @@ def test_bit_packing_round_trips(bits):
     assert torch.equal(unpack_bits(packed, bits, 1001), codes)
 
 
+def test_bits_per_code():
+    assert [bits_for(k) for k in (1, 2, 3, 4, 5, 256, 257, 1024, 65536)] == [1, 1, 2, 2, 3, 8, 9, 10, 16]
+
+
 def test_smallest_integer_types():
     assert smallest_int_dtype(256) == torch.uint8
     assert smallest_int_dtype(257) == torch.int16
+    assert smallest_int_dtype(2**15) == torch.int16  # codes up to 32767: int16's largest
+    assert smallest_int_dtype(2**15 + 1) == torch.int32
     assert smallest_int_dtype(70000) == torch.int32
+
+
+def test_bit_packing_takes_1_to_32_bits_and_codes_that_fit():
+    codes = torch.tensor([0, 2**32 - 1, 12345])
+    assert torch.equal(unpack_bits(pack_bits(codes, 32), 32, 3), codes)
+    for bits in (0, 33):
+        with pytest.raises(ValueError, match=f"pack_bits supports 1..32 bits, got {bits}"):
+            pack_bits(codes, bits)
+    assert torch.equal(unpack_bits(pack_bits(torch.tensor([7, 0]), 3), 3, 2), torch.tensor([7, 0]))  # 2**bits - 1 fits
+    with pytest.raises(ValueError, match="a code 8 does not fit in 3 bits"):
+        pack_bits(torch.tensor([8, 0]), 3)
 
 
 def _weighted_layer(seed=0):

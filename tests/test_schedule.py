@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from quant_noise_plugin.schedule import ScheduleError, load_schedule, plan_schedule
@@ -147,3 +148,119 @@ def test_per_layer_settings_override_the_stage_for_the_layers_they_match(tmp_pat
     layers = {p.name: (p.block_size, p.n_centroids) for p in plan_schedule(load_schedule(write(tmp_path, text)), TinyLM())[0].layers}
     # the first matching entry wins; a layer no entry matches keeps the stage's settings
     assert layers == {"decoder.layers.0.fc1": (4, 4), "decoder.layers.1.fc1": (8, 32), "decoder.layers.0.fc2": (4, 8), "decoder.layers.1.fc2": (4, 8)}
+
+
+# --- pinned: defaults, limits, predicted sizes and tied-weight grouping, each to the value -------------------------
+
+
+def test_a_plain_dict_gets_the_documented_defaults():
+    from quant_noise_plugin.schedule import schedule_from_dict
+
+    schedule = schedule_from_dict({"stages": [{"name": "a", "layers": "x", "updates": 3}]})  # a dict, not an omegaconf node
+    assert (schedule.defaults["Linear"].block_size, schedule.defaults["Linear"].n_centroids) == (8, 256)
+    assert (schedule.defaults["Embedding"].block_size, schedule.defaults["Embedding"].n_centroids) == (8, 256)
+    assert (schedule.kmeans_iterations, schedule.seed, schedule.objective, schedule.final_scalar_bits) == (20, 0, "weights", None)
+    stage = schedule.stages[0]
+    assert (stage.reassign_every, stage.objective, stage.per_layer, stage.block_size) == (0, None, [], {})
+    assert schedule.total_updates == 3 and schedule.largest_centroids == 256
+
+
+def test_largest_centroids_and_total_updates_read_every_stage_and_per_layer_entry():
+    from quant_noise_plugin.schedule import schedule_from_dict
+
+    schedule = schedule_from_dict({"defaults": {"Linear": {"n_centroids": 16}, "Embedding": {"n_centroids": 32}}, "stages": [
+        {"name": "a", "layers": "x", "updates": 3, "n_centroids": {"Linear": 64}},
+        {"name": "b", "layers": "y", "updates": 5, "per_layer": [{"layers": "y", "n_centroids": 512}, {"layers": "z", "block_size": 4}]},
+    ]})
+    assert schedule.largest_centroids == 512 and schedule.total_updates == 8
+    schedule.stages[1].per_layer[0].n_centroids = 8
+    assert schedule.largest_centroids == 64
+
+
+@pytest.mark.parametrize("key, bad, good", [
+    ("kmeans_iterations: {}\n", 0, 1),
+    ("final_scalar_bits: {}\n", 5, 4),
+    ("final_scalar_bits: {}\n", 9, 8),
+    ("stages:\n  - {{name: a, layers: 'x', updates: 1, block_size: {{Linear: {}}}}}\n", 0, 1),
+    ("stages:\n  - {{name: a, layers: 'x', updates: 1, n_centroids: {{Embedding: {}}}}}\n", 0, 1),
+    ("stages:\n  - {{name: a, layers: 'x', updates: 1, per_layer: [{{layers: 'x', block_size: {}}}]}}\n", 0, 1),
+    ("stages:\n  - {{name: a, layers: 'x', updates: {}}}\n", 0, 1),
+    ("stages:\n  - {{name: a, layers: 'x', updates: 2, reassign_every: {}}}\n", 2, 1),
+])
+def test_each_limit_refuses_the_first_bad_value_and_takes_the_first_good_one(tmp_path, key, bad, good):
+    stage = "" if key.startswith("stages") else "stages:\n  - {name: a, layers: 'x', updates: 1}\n"
+    with pytest.raises(ScheduleError, match=f"got {bad}|{bad} \\(use 4, 8 or null\\)"):
+        load_schedule(write(tmp_path, key.format(bad) + stage))
+    load_schedule(write(tmp_path, key.format(good) + stage))
+
+
+def test_defaults_are_checked_per_layer_type(tmp_path):
+    with pytest.raises(ScheduleError, match=r"key defaults\.Conv1d: unknown layer type \(use Linear, Embedding\)"):
+        load_schedule(write(tmp_path, "defaults:\n  Conv1d: {block_size: 4}\nstages:\n  - {name: a, layers: 'x', updates: 1}\n"))
+    with pytest.raises(ScheduleError, match=r"key defaults\.Linear: a mapping of settings"):
+        load_schedule(write(tmp_path, "defaults:\n  Linear: 4\nstages:\n  - {name: a, layers: 'x', updates: 1}\n"))
+
+
+def test_a_type_error_names_the_key_with_the_first_line_of_omegaconf_s_reason(tmp_path):
+    with pytest.raises(ScheduleError) as err:
+        load_schedule(write(tmp_path, "stages:\n  - {name: a, layers: 'x', updates: ten}\n"))
+    path = tmp_path / "s.yaml"
+    assert str(err.value) == f"{path}: stage 0: key updates: Value 'ten' of type 'str' could not be converted to Integer"
+
+
+def test_a_layer_plan_predicts_its_bits_and_bytes_as_the_paper_counts():
+    from quant_noise_plugin.schedule import LayerPlan
+
+    plan = LayerPlan(["fc"], "Linear", [64, 96], 8, 256)  # 768 blocks of 8 bits, 256 x 8 fp16 centroids
+    assert plan.n_weights == 6144 and plan.bits_per_weight == 1.0
+    assert (plan.objective, plan.reassign_every) == ("weights", 0)  # the paper's: codes frozen once fitted
+    assert plan.compressed_bytes == 768 + 256 * 8 * 2
+    plan = LayerPlan(["fc"], "Linear", [64, 96], 4, 32)  # 1536 blocks of 5 bits, 32 x 4 fp16 centroids
+    assert plan.bits_per_weight == 1.25 and plan.compressed_bytes == 1536 * 5 / 8 + 32 * 4 * 2
+    plan = LayerPlan(["embed", "out"], "Embedding", [61, 96], 8, 32)  # 732 blocks of 5 bits: 457.5 bytes, counted as such
+    assert plan.compressed_bytes == 457.5 + 32 * 8 * 2 and plan.name == "embed"
+
+
+class SharedAndTied(nn.Module):
+    """One Linear registered under two names (a layer used twice), an embedding tied to an output Linear, an LM
+    head that reads the embedding's Parameter as its ``weight`` (RoBERTa's), and a plain module holding a Parameter
+    of its own named ``weight`` (no Linear/Embedding uses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.block = nn.Linear(16, 16)
+        self.again = self.block
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.embed.weight
+        self.head = nn.Module()
+        self.head.weight = self.embed.weight
+        self.scale = nn.Module()
+        self.scale.weight = nn.Parameter(torch.ones(16, 16))
+
+
+def test_tied_and_shared_weights_group_every_name_that_uses_them_once():
+    from quant_noise_plugin.schedule import quantizable_weights
+
+    model = SharedAndTied()
+    groups = sorted(quantizable_weights(model).values())
+    assert groups == [["block", "again"], ["embed", "out", "head"]]
+    plan = plan_schedule(load_schedule_text("defaults:\n  Linear: {block_size: 4, n_centroids: 4}\n  Embedding: {block_size: 4, n_centroids: 4}\n"
+                                            "stages:\n  - {name: all, layers: 'again|out', updates: 1}\n"), model)
+    assert [layer.names for layer in plan[0].layers] == [["embed", "out", "head"], ["block", "again"]]
+    assert [layer.kind for layer in plan[0].layers] == ["Embedding", "Linear"]
+    two_stages = load_schedule_text("defaults:\n  Embedding: {block_size: 4, n_centroids: 4}\nstages:\n"
+                                    "  - {name: a, layers: 'embed', updates: 1}\n  - {name: b, layers: 'head|out', updates: 1}\n")
+    with pytest.raises(ScheduleError, match=r"stage 1 \(b\): layer embed is already quantized by stage a"):
+        plan_schedule(two_stages, model)
+    too_big = load_schedule_text("defaults:\n  Embedding: {block_size: 4, n_centroids: 1024}\nstages:\n  - {name: a, layers: 'out', updates: 1}\n")
+    with pytest.raises(ScheduleError, match=r"stage 0 \(a\): layer embed \(shape \(50, 16\)\): n_centroids 1024 but only 200 blocks"):
+        plan_schedule(too_big, model)
+
+
+def load_schedule_text(text):
+    from omegaconf import OmegaConf
+
+    from quant_noise_plugin.schedule import schedule_from_dict
+
+    return schedule_from_dict(OmegaConf.create(text))
