@@ -14,5 +14,6 @@ def write_result(name: str, title: str, table: str, notes: str, data) -> None:
     from experiments.provenance import commit, portable
 
     command = "python " + portable(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    at = commit()  # before this writes anything: its own .json would make every checkout read "-dirty"
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
-    (RESULTS / f"{name}.md").write_text(f"# {title}\n\n{notes}\n\n{table}\n\nCommand: `{command}` (commit {commit()})\n")
+    (RESULTS / f"{name}.md").write_text(f"# {title}\n\n{notes}\n\n{table}\n\nCommand: `{command}` (commit {at})\n")
