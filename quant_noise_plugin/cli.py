@@ -1,4 +1,4 @@
-"""The ``quant-noise`` command: size, inspect, schedule, pack, unpack, data."""
+"""The ``quant-noise`` command: size, inspect, schedule, plan, pack, prune, unpack, data."""
 from __future__ import annotations
 
 import argparse
@@ -374,6 +374,19 @@ def cmd_unpack(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .checkpoints import read_checkpoint, write_checkpoint_atomically
+    from .pruning import parse_keep, prune_checkpoint
+
+    keep = parse_keep(args.keep)
+    state = read_checkpoint(args.checkpoint)
+    pruned, stack, depth = prune_checkpoint(state, keep, args.stack, source=args.checkpoint)
+    nbytes = write_checkpoint_atomically(pruned, args.output)
+    print(f"pruned {args.checkpoint} -> {args.output}: {stack}layers {','.join(map(str, keep))} of {depth} kept, "
+          f"renumbered 0-{len(keep) - 1}; {nbytes / 1e6:.3f} MB; loads in fairseq with no override")
+    return 0
+
+
 def cmd_plan(args) -> int:
     """A schedule YAML whose packed file lands on a size budget (budget.py)."""
     import time
@@ -507,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches of --calibrate to observe (default 32)")
     p.add_argument("--observer", choices=OBSERVERS, default="mse", help="how a range is chosen from the observed activations (default mse)")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("prune", help="keep some layers of a model trained with LayerDrop: a checkpoint of that depth (dense or packed)")
+    p.add_argument("checkpoint", help="a trained model (before iPQ) or a packed file")
+    p.add_argument("--keep", required=True, metavar="I,J,...", help="the layers to keep, in order, e.g. 0,2,4,6 (every other layer)")
+    p.add_argument("--stack", help="which stack's layers, e.g. decoder or encoder (needed where the model has two)")
+    p.add_argument("-o", "--output", required=True, help="the pruned checkpoint")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("unpack", help="dense checkpoint that stock fairseq loads without the plugin")
     p.add_argument("checkpoint")
