@@ -394,13 +394,8 @@ def cmd_plan(args) -> int:
     from .atomic import atomic_file
     from .budget import ANCHORS, BudgetError, parse_size, plan_schedule_for_budget
     from .checkpoints import read_checkpoint
-    from .schedule import OBJECTIVES
     from .sizes import dense_fp32_bytes
 
-    if (args.target_size is None) == (args.target_ratio is None):
-        raise BudgetError("give one of --target-size SIZE (e.g. 200KB) or --target-ratio R (e.g. 40: the fp32 model's size / 40)")
-    if args.objective not in OBJECTIVES:
-        raise BudgetError(f"--objective {args.objective}: use {', '.join(OBJECTIVES)}")
     if args.updates <= 0:
         raise BudgetError(f"--updates {args.updates}: must be > 0 (the finetuning updates of the whole schedule)")
     if args.anchors is not None and (args.measure_all or args.sensitivity == "fisher"):
@@ -448,29 +443,36 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The subcommands in the order a compression runs: data, prune, schedule / plan, pack, size, inspect, unpack."""
     from .activations import OBSERVERS
     from .scalar import SUPPORTED_BITS
+    from .schedule import OBJECTIVES
 
-    parser = argparse.ArgumentParser(prog="quant-noise", description="Quant-Noise + iPQ compression for fairseq models")
+    parser = argparse.ArgumentParser(
+        prog="quant-noise", description="Quant-Noise + iPQ compression for fairseq models: the steps around fairseq-train.",
+        epilog="The whole recipe, with the fairseq commands between these steps: docs/usage.md (in the repository).")
     parser.add_argument("--verbose", action="store_true", help="also show fairseq's own log lines (import notices, dictionaries)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    checkpoint_help = "a fairseq checkpoint (.pt): trained, mid-iPQ or packed"
+    data_help = "the data directory with the model's dictionaries (default: the one the checkpoint was trained on)"
 
-    p = sub.add_parser("size", help="per-layer size table and totals of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="data directory with the dictionaries (default: the checkpoint's)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_size)
+    p = sub.add_parser("data", help="prepare the KJV LM and KJV/RV1909 translation corpora (installs Debian's bible-kjv and sword texts)")
+    p.add_argument("--output", default="data", help="where the corpora go (default data/)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--tiny", action="store_true", help="a small slice (for tests)")
+    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("inspect", help="what computes each compressed layer on this machine (int8 kernel or float), and why")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="data directory with the dictionaries (default: the checkpoint's)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("prune", help="keep some layers of a model trained with LayerDrop: a checkpoint of that depth (dense or packed)")
+    p.add_argument("checkpoint", help="a trained model (before iPQ) or a packed file")
+    p.add_argument("--keep", required=True, metavar="I,J,...", help="the layers to keep, in order, e.g. 0,2,4,6 (every other layer)")
+    p.add_argument("--stack", help="which stack's layers, e.g. decoder or encoder (needed where the model has two)")
+    p.add_argument("-o", "--output", required=True, help="the pruned checkpoint")
+    p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("schedule", help="show what an iPQ schedule would quantize, without training")
-    p.add_argument("checkpoint")
-    p.add_argument("schedule")
-    p.add_argument("--data")
+    p = sub.add_parser("schedule", help="show what an iPQ schedule would quantize and the sizes it predicts, without training")
+    p.add_argument("checkpoint", help="the checkpoint the iPQ run would start from")
+    p.add_argument("schedule", help="the schedule YAML (e.g. configs/ipq/qn_transformer_lm.yaml)")
+    p.add_argument("--data", help=data_help)
     p.add_argument("--calibrate", metavar="DATA_DIR",
                    help="binarized training data: also show each layer's weight and output errors under each objective (weights, activations, output)")
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches of --calibrate to run (default 32)")
@@ -478,16 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="a schedule YAML whose packed file lands on a size budget, chosen per layer by measured sensitivity")
     p.add_argument("checkpoint", help="the dense (or Quant-Noise trained) checkpoint to compress")
-    p.add_argument("--target-size", metavar="SIZE", help="the packed file's size: 200KB, 0.2MB, 1.5MiB or bytes")
-    p.add_argument("--target-ratio", type=float, metavar="R", help="the packed file R times smaller than the fp32 model")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-size", metavar="SIZE", help="the packed file's size: 200KB, 0.2MB, 1.5MiB or bytes")
+    target.add_argument("--target-ratio", type=float, metavar="R", help="the packed file R times smaller than the fp32 model")
     p.add_argument("--calibrate", metavar="DATA_DIR", required=True, help="binarized training data (the model's dictionaries): "
                    "its batches measure each layer's loss rise")
     p.add_argument("-o", "--output", required=True, help="the schedule YAML to write")
-    p.add_argument("--data", help="data directory with the dictionaries (default: the checkpoint's)")
+    p.add_argument("--data", help=data_help)
     p.add_argument("--calibration-batches", type=int, default=8, help="training batches of --calibrate (default 8)")
     p.add_argument("--scalar-bits", type=int, choices=(0, 4, 8), default=8,
                    help="layers left out of PQ and the centroids as int codes at pack (the schedule's final_scalar_bits; 0: fp16)")
-    p.add_argument("--objective", default="output", help="the schedule's k-means objective (default output)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="output", help="the schedule's k-means objective (default output)")
     p.add_argument("--updates", type=int, default=500, help="finetuning updates of the whole schedule, split over its stages (default 500)")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16], help="PQ block sizes to choose from (default 4 8 16)")
     p.add_argument("--centroids", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
@@ -495,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-all", action="store_true", help="measure the loss rise of every setting of every layer "
                    "(slow; default: measured at two settings per layer, carried to the others by their activation-weighted error)")
     p.add_argument("--sensitivity", choices=("measured", "fisher"), default="measured",
-                   help="measured (default: the calibration batches run once per layer) or fisher (one backward pass per batch "
-                        "in all: each setting's rise estimated from squared gradients; for models too large for the former)")
+                   help="measured (default: the calibration batches run at two settings per layer, --anchors) or fisher (one "
+                        "backward pass per batch in all: each setting's rise estimated from squared gradients; for models too "
+                        "large for the former)")
     p.add_argument("--anchors", type=int, choices=(1, 2), default=None,
                    help="measured: the settings per layer whose rise is measured: 2 (default: the one nearest the budget's bits and "
                         "the coarsest, the rise linear in the error between them) or 1 (the first alone: half the measurements, but "
@@ -504,9 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("pack", help="inference-only checkpoint: bit-packed codes, fp16/int8 rest")
-    p.add_argument("checkpoint")
-    p.add_argument("output")
-    p.add_argument("--data")
+    p.add_argument("checkpoint", help="an iPQ (or any) checkpoint to pack")
+    p.add_argument("output", help="the packed file to write")
+    p.add_argument("--data", help=data_help)
     p.add_argument("--scalar-bits", type=int, choices=SUPPORTED_BITS, default=None, help="int codes for layers left in float and the centroids")
     p.add_argument("--per-tensor", action="store_true", help="one scale and zero point per weight instead of per output row "
                    "(the paper's scalar baseline; with --scalar-bits)")
@@ -521,24 +525,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--observer", choices=OBSERVERS, default="mse", help="how a range is chosen from the observed activations (default mse)")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("prune", help="keep some layers of a model trained with LayerDrop: a checkpoint of that depth (dense or packed)")
-    p.add_argument("checkpoint", help="a trained model (before iPQ) or a packed file")
-    p.add_argument("--keep", required=True, metavar="I,J,...", help="the layers to keep, in order, e.g. 0,2,4,6 (every other layer)")
-    p.add_argument("--stack", help="which stack's layers, e.g. decoder or encoder (needed where the model has two)")
-    p.add_argument("-o", "--output", required=True, help="the pruned checkpoint")
-    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("size", help="per-layer size table and totals of a checkpoint, and its packed file's bytes")
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_size)
+
+    p = sub.add_parser("inspect", help="what computes each compressed layer on this machine (int8 kernel or float), and why")
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("unpack", help="dense checkpoint that stock fairseq loads without the plugin")
-    p.add_argument("checkpoint")
-    p.add_argument("output")
-    p.add_argument("--data")
+    p.add_argument("checkpoint", help="a packed or iPQ checkpoint")
+    p.add_argument("output", help="the dense checkpoint to write")
+    p.add_argument("--data", help=data_help)
     p.set_defaults(func=cmd_unpack)
-
-    p = sub.add_parser("data", help="prepare the KJV LM and KJV/RV1909 translation corpora")
-    p.add_argument("--output", default="data")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--tiny", action="store_true", help="a small slice (for tests)")
-    p.set_defaults(func=cmd_data)
     return parser
 
 

@@ -60,3 +60,30 @@ def test_checkpoint_names_map_presets_to_their_stock_and_plugin_twins():
     assert plugin["model"]["_name"] == "qn_transformer"
     with pytest.raises(CheckpointError, match="'lstm_lm' has no plugin twin"):
         use_plugin_names({"model": {"_name": "lstm_lm"}})
+
+
+def test_the_command_explains_itself_in_workflow_order():
+    import argparse
+
+    from quant_noise_plugin.cli import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    order = ["data", "prune", "schedule", "plan", "pack", "size", "inspect", "unpack"]
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(subparsers.choices) == order and "docs/usage.md" in text
+    assert [text.index(f"\n    {name} ") for name in order] == sorted(text.index(f"\n    {name} ") for name in order)
+    for name, sub in subparsers.choices.items():  # every positional and --data says what it is
+        for action in sub._actions:
+            if not action.option_strings or "--data" in action.option_strings:
+                assert action.help, f"quant-noise {name} {action.dest}: no help"
+    plan = subparsers.choices["plan"]
+    assert "{weights,activations,output}" in plan.format_help()
+    for argv in (["plan", "x.pt", "--calibrate", "d", "-o", "p.yaml"],
+                 ["plan", "x.pt", "--target-size", "1KB", "--target-ratio", "4", "--calibrate", "d", "-o", "p.yaml"]):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{argv}: accepted")
