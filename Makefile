@@ -21,7 +21,8 @@ $(STAMP): setup.py
 
 # The tests whose numbers depend on the CPU's int8 and vector kernels run twice: as this CPU is, then as an AVX2-only
 # CPU without VNNI (7-bit activations on the int8 kernel), through the switches int8_linear.AVX2_WITHOUT_VNNI names
-CPU_CLASS_TESTS := tests/test_int8_activations.py tests/test_inference_compute.py tests/test_lut.py tests/test_safety_and_fallbacks.py
+CPU_CLASS_TESTS := tests/test_int8_activations.py tests/test_inference_compute.py tests/test_lut.py \
+	tests/test_safety_and_fallbacks.py::test_a_saturating_cpu_gets_7_bit_activations_and_no_kernel_when_even_those_saturate
 AVX2_ENV = $(BIN)/python -c "from quant_noise_plugin.int8_linear import AVX2_WITHOUT_VNNI as e; print(*(f'{k}={v}' for k, v in e.items()))"
 
 test: setup
