@@ -5,6 +5,14 @@ import sys
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers (pytest.ini) on two cores: one thread each, for them and their CLIs
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    # torch.compile's kernel cache is not keyed by ATen's capability: a kernel built for this CPU's own vector width, served
+    # to a run capped to another (make test's AVX2 pass), computes garbage. Each capability gets a cache of its own.
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"))
 from pathlib import Path
 
 import pytest
