@@ -222,23 +222,24 @@ def _start(tests: List[str], mutant: Optional[Mutant]) -> int:
 
 
 def run_all(jobs: List[tuple], parallel: int, on_done) -> None:
-    """Run (tests, mutant) jobs, ``parallel`` children at a time; on_done(mutant, exit code or None on timeout)."""
+    """Run (tests, mutant or None for the code as it is, tag) jobs, ``parallel`` children at a time;
+    on_done(tag, exit code or None on timeout)."""
     pending, running = list(jobs), {}
     while pending or running:
         while pending and len(running) < parallel:
-            tests, mutant = pending.pop(0)
-            running[_start(tests, mutant)] = (mutant, time.monotonic())
+            tests, mutant, tag = pending.pop(0)
+            running[_start(tests, mutant)] = (tag, time.monotonic())
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid:
-            mutant, _ = running.pop(pid)
-            on_done(mutant, os.waitstatus_to_exitcode(status))
+            tag, _ = running.pop(pid)
+            on_done(tag, os.waitstatus_to_exitcode(status))
             continue
-        for pid, (mutant, started) in list(running.items()):
+        for pid, (tag, started) in list(running.items()):
             if time.monotonic() - started > TIMEOUT_S:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 running.pop(pid)
-                on_done(mutant, None)
+                on_done(tag, None)
         select.select([], [], [], 0.05)
 
 
@@ -282,9 +283,10 @@ def main(argv=None) -> int:
     os.chdir(REPO)
     start = time.monotonic()
     baseline = {}
-    run_all([(FAST_TESTS[m], None) for m in args.modules], args.parallel, lambda _, code: baseline.setdefault(len(baseline), code))
-    if any(code != 0 for code in baseline.values()):
-        print(f"error: the fast tests fail on the unmutated code ({baseline}): fix them first", file=sys.stderr)
+    run_all([(FAST_TESTS[m], None, m) for m in args.modules], args.parallel, baseline.__setitem__)
+    failing = [m for m, code in baseline.items() if code != 0]
+    if failing:
+        print(f"error: the fast tests of {', '.join(failing)} fail (or time out) on the code as it is: fix them first", file=sys.stderr)
         return 1
     chosen: Dict[str, List[Mutant]] = {}
     for module in args.modules:
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
         if args.per_module and len(mutants) > args.per_module:
             mutants = sorted(random.Random(f"{args.seed}:{module}").sample(mutants, args.per_module), key=lambda m: m.line)
         chosen[module] = mutants
-    jobs = [(FAST_TESTS[m.module], m) for mutants in chosen.values() for m in mutants]
+    jobs = [(FAST_TESTS[m.module], m, m) for mutants in chosen.values() for m in mutants]
     done = [0]
 
     def on_done(mutant: Mutant, code: Optional[int]) -> None:

@@ -65,16 +65,20 @@ def prune_checkpoint(state: Dict[str, Any], keep: Sequence[int], stack: Optional
         raise CheckpointError(f"{source}: an iPQ training checkpoint (its schedule names layers): prune the trained model "
                               "before iPQ, or the packed file after it")
     stacks = layer_stacks(model)
+    named = ", ".join(s + "layers" for s in stacks)
     if stack is None:
-        if len(stacks) != 1:
-            raise CheckpointError(f"{source}: {'no layer stack' if not stacks else 'stacks ' + ', '.join(s + 'layers' for s in stacks)}"
-                                  f"{'' if not stacks else ': name one with --stack, e.g. --stack ' + next(iter(stacks)).rstrip('.')}")
+        if not stacks:
+            raise CheckpointError(f"{source}: no layer stack (no <stack>.layers.<i>. keys) to prune")
+        if len(stacks) > 1:
+            raise CheckpointError(f"{source}: stacks {named}: name one with --stack, e.g. --stack {next(iter(stacks)).rstrip('.')}")
         stack = next(iter(stacks))
     else:
         stack = stack if stack.endswith(".") else stack + "."
         if stack not in stacks:
-            raise CheckpointError(f"--stack {stack.rstrip('.')}: {source} has no {stack}layers (it has {', '.join(s + 'layers' for s in stacks)})")
+            raise CheckpointError(f"--stack {stack.rstrip('.')}: {source} has no {stack}layers (it has {named})")
     _check_keep(keep, stacks[stack], stack)
+    if _get(state["cfg"].get("model"), _config_key(stack)) is None:
+        raise CheckpointError(f"{source}: its model config has no {_config_key(stack)} to set")
     new_index = {old: new for new, old in enumerate(keep)}
     pruned = {}
     for key, value in model.items():
@@ -88,9 +92,7 @@ def prune_checkpoint(state: Dict[str, Any], keep: Sequence[int], stack: Optional
     out = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
     out["model"] = with_checksums(pruned) if checksummed else pruned
     out["cfg"] = copy.deepcopy(state["cfg"])
-    model_cfg = out["cfg"].get("model")
-    if model_cfg is None or _get(model_cfg, _config_key(stack)) is None:
-        raise CheckpointError(f"{source}: its model config has no {_config_key(stack)} to set")
+    model_cfg = out["cfg"]["model"]
     _set(model_cfg, _config_key(stack), len(keep))
     _set(model_cfg, f"{_config_key(stack)}_to_keep", None)  # fairseq would prune again at load
     if is_packed(state):

@@ -56,7 +56,7 @@ def test_a_pruned_checkpoint_dense_or_packed_loads_everywhere_with_no_override(l
     assert packed_then_pruned.stat().st_size < 0.8 * packed.stat().st_size
 
 
-def _state(stacks=("decoder.",), depth=4, packed=False):
+def _state(stacks=("decoder.",), depth=4):
     model = {f"{s}layers.{i}.fc1.weight": torch.full((2, 2), float(i)) for s in stacks for i in range(depth)}
     model["decoder.embed_tokens.weight"] = torch.zeros(3, 2)
     cfg = {"model": {f"{s.split('.')[0]}_layers": depth for s in stacks}}
@@ -95,6 +95,10 @@ def test_renumbering_config_and_the_stacks_to_choose_from():
     assert pruned["cfg"]["model"]["encoder_layers"] == 2 and pruned["cfg"]["model"]["decoder_layers"] == 4
     with pytest.raises(CheckpointError, match="--stack vision: the checkpoint has no vision.layers"):
         prune_checkpoint(two, [0], stack="vision")
+    with pytest.raises(CheckpointError, match=r"^the checkpoint: no layer stack \(no <stack>\.layers\.<i>\. keys\) to prune$"):
+        prune_checkpoint({"model": {"w": torch.zeros(1)}, "cfg": {"model": {}}}, [0])
+    with pytest.raises(CheckpointError, match="its model config has no decoder_layers to set"):
+        prune_checkpoint({**_state(), "cfg": {"model": {}}}, [0])
     mid_ipq = {**_state(), "task_state": {"ipq_layout": {}}}
     with pytest.raises(CheckpointError, match="an iPQ training checkpoint .*: prune the trained model before iPQ, or the packed file after it"):
         prune_checkpoint(mid_ipq, [0])

@@ -9,7 +9,7 @@ from torch import nn
 from quant_noise_plugin.activations import ActivationQuantizer
 from quant_noise_plugin.checkpoints import write_checkpoint_atomically
 from quant_noise_plugin.compressed import attach_activation_quantizer, attach_provider, free_dense_weight
-from quant_noise_plugin.integrity import CHECKSUM_KEY
+from quant_noise_plugin.integrity import CHECKSUM_KEY, with_checksums
 from quant_noise_plugin.packing import pack_state_dict, predicted_file
 from quant_noise_plugin.pq import PQCodebook
 from quant_noise_plugin.providers import PQ_CHILD, SCALAR_CHILD
@@ -147,16 +147,16 @@ def test_a_whole_model_counts_each_tensor_once_and_the_file_is_its_prediction(tm
     state = {"cfg": {"model": "tiny"}, "extra_state": {"epoch": 1}}
     predicted = predicted_file(model, state)
     assert predicted["compressed_bytes"] == sum(by_hand.values())
-    written = write_checkpoint_atomically({**state, "model": predicted_file_state(model)}, tmp_path / "packed.pt")
+    packed_state = {**state, "model": packed_model_state(model)}
+    written = write_checkpoint_atomically(packed_state, tmp_path / "packed.pt")
     assert predicted["predicted_packed_file_bytes"] == written == (tmp_path / "packed.pt").stat().st_size
     # the container's own bytes: what the file adds to the tensors' (zip records, pickled keys and config, checksums)
     container = written - sum(by_hand.values())
-    assert 0 < container == serialized_bytes({**state, "model": predicted_file_state(model)}) - stored_bytes(packed)
+    assert 0 < container == serialized_bytes(packed_state) - stored_bytes(packed)
 
 
-def predicted_file_state(model):
-    from quant_noise_plugin.integrity import with_checksums
-
+def packed_model_state(model):
+    """The model entry `quant-noise pack` writes: the packed tensors and their checksum table."""
     return with_checksums(pack_state_dict(model))
 
 
@@ -168,7 +168,7 @@ def test_one_more_tensor_costs_its_bytes_in_the_rows_and_in_the_file(tmp_path):
     after = predicted_file(model, {})
     assert after["compressed_bytes"] - before["compressed_bytes"] == 2000
     assert after["predicted_packed_file_bytes"] - before["predicted_packed_file_bytes"] >= 2000
-    written = write_checkpoint_atomically({"model": predicted_file_state(model)}, tmp_path / "extra.pt")
+    written = write_checkpoint_atomically({"model": packed_model_state(model)}, tmp_path / "extra.pt")
     assert written == after["predicted_packed_file_bytes"]
 
 
