@@ -132,10 +132,13 @@ def collect_input_moments(model: nn.Module, weights: Dict[str, List[str]], batch
             stats.row_counts = counts + (0 if stats.row_counts is None else stats.row_counts)
         return hook
 
-    handles, linears = [], []
+    handles, linears, hooked = [], [], set()
     for key, names in weights.items():
         for name in names:
             module = modules[name]
+            if id(module) in hooked:  # a shared layer: one module under several names, each of its calls counted once
+                continue
+            hooked.add(id(module))
             if isinstance(module, nn.Embedding):
                 handles.append(module.register_forward_pre_hook(embedding_hook(moments[key])))
             elif isinstance(module, nn.Linear):

@@ -56,6 +56,9 @@ def _sync_dense_weight(module: nn.Module, incompatible_keys) -> None:
 
 
 def attach_provider(module: nn.Module, child: str, provider: nn.Module) -> None:
+    """``module`` computes its weight from ``provider``; once, however many names the module has (shared layers)."""
+    if module._modules.get(child) is provider:
+        return
     module.add_module(child, provider)
     add_weight_fn(module, provider_weight_fn(module, provider))
     module.register_state_dict_post_hook(_drop_dense_weight)

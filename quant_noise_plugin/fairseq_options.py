@@ -50,7 +50,22 @@ class QuantNoiseExtraOptions(FairseqDataclass):
     quant_noise_ramp_updates: int = field(default=0, metadata={"help": HELP["ramp_updates"]})
 
 
-PLUGIN_MODEL_FIELDS = tuple(f.name for f in fields(QuantNoiseExtraOptions))  # what stock fairseq configs lack
+SHARING_HELP = ("each chunk of N adjacent {side} layers computes with one set of weights (the chunk's first), stored and "
+                "counted once: the paper's sharing by chunks, e.g. 2 (1: no sharing); N divides --{side}-layers")
+
+
+@dataclass
+class DecoderSharingOptions(FairseqDataclass):
+    decoder_share_layer_chunk: int = field(default=1, metadata={"help": SHARING_HELP.format(side="decoder")})
+
+
+@dataclass
+class EncoderSharingOptions(FairseqDataclass):
+    encoder_share_layer_chunk: int = field(default=1, metadata={"help": SHARING_HELP.format(side="encoder")})
+
+
+# what stock fairseq configs lack
+PLUGIN_MODEL_FIELDS = tuple(f.name for dc in (QuantNoiseExtraOptions, DecoderSharingOptions, EncoderSharingOptions) for f in fields(dc))
 
 
 @dataclass

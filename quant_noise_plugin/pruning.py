@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .checkpoints import PACKED_MARKER, CheckpointError, _get, _set, is_packed, packed_config_crc32
 from .integrity import pop_and_verify, with_checksums
+from .sharing import chunk_field, chunk_flag
 
 _LAYER_KEY = re.compile(r"^(?P<stack>(?:[\w]+\.)*?)layers\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -48,6 +49,20 @@ def _check_keep(keep: Sequence[int], depth: int, stack: str) -> None:
         raise CheckpointError(f"--keep {','.join(map(str, keep))}: give each layer once, in increasing order")
 
 
+def _check_whole_chunks(keep: Sequence[int], stack: str, chunk: int) -> None:
+    """Layers shared by chunks go or stay together: keeping part of a chunk keeps all of its weights."""
+    if chunk == 1:
+        return
+    kept = set(keep)
+    for first in sorted({i - i % chunk for i in keep}):
+        if not set(range(first, first + chunk)) <= kept:
+            side = stack.split(".")[0]
+            raise CheckpointError(
+                f"--keep {','.join(map(str, keep))}: splits the shared chunks of {stack}layers ({chunk_flag(side)} {chunk}: layers "
+                f"{first}-{first + chunk - 1} share one set of weights); keep or drop whole chunks, e.g. "
+                f"{','.join(map(str, range(first, first + chunk)))}")
+
+
 def _config_key(stack: str) -> str:
     """The model config's depth key of a stack: decoder_layers, or encoder_layers (RoBERTa's sentence encoder too)."""
     return f"{stack.split('.')[0]}_layers"
@@ -79,6 +94,7 @@ def prune_checkpoint(state: Dict[str, Any], keep: Sequence[int], stack: Optional
     _check_keep(keep, stacks[stack], stack)
     if _get(state["cfg"].get("model"), _config_key(stack)) is None:
         raise CheckpointError(f"{source}: its model config has no {_config_key(stack)} to set")
+    _check_whole_chunks(keep, stack, _get(state["cfg"]["model"], chunk_field(stack.split(".")[0])) or 1)
     new_index = {old: new for new, old in enumerate(keep)}
     pruned = {}
     for key, value in model.items():

@@ -57,9 +57,9 @@ def train_lm(data, save_dir, *extra, max_update=8, check=True):
                 "--max-update", str(max_update), "--save-dir", save_dir, *extra], check=check)
 
 
-def eval_lm_ppl(data, path, *extra, subset="valid"):
+def eval_lm_ppl(data, path, *extra, subset="valid", **run_kwargs):
     result = run(["fairseq-eval-lm", data, "--path", path, "--cpu", "--max-tokens", "1024", "--tokens-per-sample", "64",
-                  "--gen-subset", subset, *extra])
+                  "--gen-subset", subset, *extra], **run_kwargs)
     line = [l for l in result.output.splitlines() if "Perplexity:" in l][-1]
     return float(line.rsplit("Perplexity:", 1)[1])
 

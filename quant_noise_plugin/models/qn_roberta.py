@@ -13,7 +13,7 @@ from fairseq.models.roberta.model import RobertaModel, base_architecture
 
 from ..bitpack import bits_for
 from ..compressed import PQ_CHILD, SCALAR_CHILD
-from ..fairseq_options import QuantNoiseOptions, add_missing_args, set_missing_noise_defaults
+from ..fairseq_options import EncoderSharingOptions, QuantNoiseOptions, add_missing_args, set_missing_noise_defaults
 from ..quant_noise import apply_quant_noise_
 from .compressed_loading import CompressedLoadingMixin
 from .noised_model import QuantNoiseModelMixin, set_defaults
@@ -31,6 +31,7 @@ class QNRobertaModel(QuantNoiseModelMixin, CompressedLoadingMixin, RobertaModel)
     def add_args(cls, parser):
         RobertaModel.add_args(parser)
         add_missing_args(parser, QuantNoiseOptions())
+        add_missing_args(parser, EncoderSharingOptions())
 
     def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
         super().register_classification_head(name, num_classes, inner_dim, **kwargs)

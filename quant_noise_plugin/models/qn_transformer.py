@@ -8,7 +8,7 @@ from fairseq.models.transformer.transformer_legacy import (
 )
 
 from ..errors import QuantNoiseError, _checkpoint_arg
-from ..fairseq_options import QuantNoiseExtraOptions, add_missing_args
+from ..fairseq_options import DecoderSharingOptions, EncoderSharingOptions, QuantNoiseExtraOptions, add_missing_args
 from .compressed_loading import CompressedLoadingMixin
 from .noised_model import QuantNoiseModelMixin, set_defaults
 
@@ -20,7 +20,8 @@ class QNTransformerModel(QuantNoiseModelMixin, CompressedLoadingMixin, Transform
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
-        add_missing_args(parser, QuantNoiseExtraOptions())
+        for options in (QuantNoiseExtraOptions(), EncoderSharingOptions(), DecoderSharingOptions()):
+            add_missing_args(parser, options)
 
     @classmethod
     def build_model(cls, args, task):

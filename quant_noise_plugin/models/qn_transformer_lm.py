@@ -22,14 +22,14 @@ from fairseq.models.transformer_lm import (
 )
 
 from ..errors import QuantNoiseError
-from ..fairseq_options import QuantNoiseExtraOptions, set_missing_noise_defaults
+from ..fairseq_options import DecoderSharingOptions, QuantNoiseExtraOptions, set_missing_noise_defaults
 from .compressed_loading import CompressedLoadingMixin
 from .eval_guard import EvalLengthGuardMixin
 from .noised_model import QuantNoiseModelMixin, set_defaults
 
 
 @dataclass
-class QNTransformerLanguageModelConfig(TransformerLanguageModelConfig, QuantNoiseExtraOptions):
+class QNTransformerLanguageModelConfig(TransformerLanguageModelConfig, QuantNoiseExtraOptions, DecoderSharingOptions):
     pass
 
 
