@@ -237,7 +237,7 @@ def test_the_fisher_proxy_fits_on_a_few_rows_and_codes_the_rest_by_their_weighte
 
 
 def test_a_plan_short_of_its_budget_says_when_the_menus_largest_k_stopped_it(monkeypatch):
-    import quant_noise_plugin.budget as budget
+    import quant_noise_plugin.planner.knapsack as budget
 
     monkeypatch.setattr(budget, "planned_file_bytes", lambda model, state, menus, picks, bits: 100 + sum(c.bytes for c in picks))
     menus = [menu("a", [(100, 9.0), (200, 4.0), (400, 1.0)]), menu("b", [(100, 8.0), (300, 2.0)])]
