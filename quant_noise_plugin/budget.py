@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from torch import nn
 
+from .planner.depth import depth_candidates, layerdrop_stack, pruned_copy
 from .planner.knapsack import Plan, allocate, check_reachable, plan_budget, planned_file_bytes, planned_model  # noqa: F401
 from .planner.measure import ANCHORS, SENSITIVITIES, _carry_rises, calibration_loss, measure_menus, reference_bits_for  # noqa: F401
 from .planner.menus import (  # noqa: F401
@@ -34,15 +35,53 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
                              scalar_bits: Optional[int] = 8, objective: str = "output", updates: int = 500,
                              block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
                              measure_all: bool = False, title: str = "", progress: Optional[Callable[[str], None]] = None,
-                             sensitivity: str = "measured", anchors: int = ANCHORS) -> tuple:
+                             sensitivity: str = "measured", anchors: int = ANCHORS, layerdrop: Optional[Dict[str, float]] = None,
+                             run_for: Optional[Callable[[nn.Module], Callable[[Any], Any]]] = None) -> tuple:
     """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
-    text). The target is checked against what the menus reach before anything is measured."""
+    text). The target is checked against what the menus reach before anything is measured.
+
+    ``layerdrop`` ({side: rate} of the model config) and ``run_for`` (model -> run): on a stack trained with LayerDrop,
+    the budget is planned at each candidate depth (planner/depth.py) and the plan with the lowest predicted loss kept;
+    its YAML then says which layers to keep (``pruned``)."""
+    stack = layerdrop_stack(model, layerdrop or {}) if run_for is not None else None
+    candidates = depth_candidates(model, stack) if stack is not None else []
+    if len(candidates) < 2:
+        plan = _plan_at_depth(model, state, batches, run, target_bytes, scalar_bits, block_sizes, centroid_counts, measure_all,
+                              progress, sensitivity, anchors)
+        return plan, schedule_text(plan, model, updates=updates, objective=objective, title=title)
+    tried, lines, errors = [], [], []
+    for candidate in candidates:
+        pruned = pruned_copy(model, candidate) if candidate.prunes else model
+        if progress:
+            progress(f"depth: planning with {candidate.label()}")
+        try:
+            plan = _plan_at_depth(pruned, state, batches, run_for(pruned), target_bytes, scalar_bits, block_sizes, centroid_counts,
+                                  measure_all, progress, sensitivity, anchors)
+        except BudgetError as e:  # out of reach at this depth (too small a target for every layer, or too large a one)
+            errors.append(e)
+            lines.append(f"  {candidate.label()}: not planned ({e})")
+            continue
+        predicted = plan.base_loss + plan.estimated_rise
+        tried.append((predicted, candidate, plan, pruned))
+        lines.append(f"  {candidate.label()}: calibration loss {plan.base_loss:.4f} before iPQ, planned rise {plan.estimated_rise:+.4f}, "
+                     f"{predicted:.4f} predicted")
+    if not tried:
+        raise errors[0]
+    predicted, candidate, plan, pruned = min(tried, key=lambda t: t[0])
+    plan.pruned = candidate
+    verdict = (f"keeps {candidate.label()}: run `quant-noise prune` with --keep {','.join(map(str, candidate.kept))} first"
+               if candidate.prunes else f"keeps {candidate.label()}: pruning predicts a higher loss at this budget")
+    plan.depth_lines = [f"Depth ({stack} was trained with LayerDrop): the lowest predicted loss {verdict}.", *lines]
+    return plan, schedule_text(plan, pruned, updates=updates, objective=objective, title=title)
+
+
+def _plan_at_depth(model, state, batches, run, target_bytes, scalar_bits, block_sizes, centroid_counts, measure_all, progress,
+                   sensitivity, anchors) -> Plan:
     menus = weight_menus(model, scalar_bits, block_sizes, centroid_counts)
     reach = check_reachable(model, state, menus, target_bytes, scalar_bits)
     base = measure_menus(model, menus, batches, run, scalar_bits, reference_bits_for(menus, target_bytes), measure_all,
                          progress=progress, sensitivity=sensitivity, anchors=anchors)
-    plan = plan_budget(model, state, menus, target_bytes, scalar_bits, base, len(batches), reach)
-    return plan, schedule_text(plan, model, updates=updates, objective=objective, title=title)
+    return plan_budget(model, state, menus, target_bytes, scalar_bits, base, len(batches), reach)
 
 
 def parse_target(text: str, dense_fp32_bytes: int, flag: str = "--ipq-target-size") -> int:

@@ -417,9 +417,13 @@ def cmd_plan(args) -> int:
     start = time.perf_counter()
     batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
     title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
+    from .checkpoints import _get
+
+    layerdrop = None if args.no_pruning else {side: _get(state["cfg"]["model"], f"{side}_layerdrop") for side in ("encoder", "decoder")}
     plan, text = plan_schedule_for_budget(model, state, batches, lambda sample: criterion(model, sample), target, scalar_bits,
                                           args.objective, args.updates, args.block_sizes, args.centroids, args.measure_all,
-                                          title, progress=logger.info, sensitivity=args.sensitivity, anchors=args.anchors or ANCHORS)
+                                          title, progress=logger.info, sensitivity=args.sensitivity, anchors=args.anchors or ANCHORS,
+                                          layerdrop=layerdrop, run_for=lambda m: (lambda sample: criterion(m, sample)))
     with atomic_file(args.output) as tmp:
         tmp.write_text(text)
     seconds = time.perf_counter() - start
@@ -428,6 +432,11 @@ def cmd_plan(args) -> int:
           f"{sum(c.setting.is_pq for c in plan.picks)} of {len(plan.picks)} weights in PQ; {seconds:.1f} s")
     for note in plan.notes:
         print(f"note: {note}")
+    for line in plan.depth_lines:
+        print(line)
+    if plan.pruned is not None and plan.pruned.prunes:
+        print(f"next: quant-noise prune {args.checkpoint} --keep {','.join(map(str, plan.pruned.kept))} --stack "
+              f"{plan.pruned.stack.split('.')[0]} -o PRUNED.pt, then iPQ from PRUNED.pt with {args.output}")
     bits = plan.scalar_bits
     for menu, choice in zip(plan.menus, plan.picks):
         print(f"  {menu.name[:46]:46s} {'x'.join(map(str, menu.shape)):>12s} {choice.setting.label(bits):>12s} "
@@ -505,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured: the settings per layer whose rise is measured: 2 (default: the one nearest the budget's bits and "
                         "the coarsest, the rise linear in the error between them) or 1 (the first alone: half the measurements, but "
                         "a model trained with noise shows no rise there and its coarse settings then look free)")
+    p.add_argument("--no-pruning", action="store_true", help="plan every layer, even of a model trained with LayerDrop (default: "
+                   "such a model is also planned with every other layer kept, and the depth predicting the lower loss is chosen)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("pack", help="inference-only checkpoint: bit-packed codes, fp16/int8 rest")

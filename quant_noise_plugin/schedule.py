@@ -64,6 +64,15 @@ class StageConfig:
 
 
 @dataclass
+class PrunedStack:
+    """The model a schedule was planned for had this stack pruned (``quant-noise plan`` on a LayerDrop model)."""
+
+    stack: str = MISSING  # module name, e.g. decoder.layers
+    kept: List[int] = MISSING  # the layers `quant-noise prune --keep` keeps, of the trained model's
+    of: int = MISSING  # the trained model's depth
+
+
+@dataclass
 class ScheduleConfig:
     stages: List[StageConfig] = MISSING
     defaults: Dict[str, LayerTypeSettings] = field(
@@ -75,6 +84,8 @@ class ScheduleConfig:
     # After the last stage, store the layers left in float and the centroids as int8 (or int4):
     # the paper's "iPQ + int8". Applied by `quant-noise pack` (None: keep them fp16).
     final_scalar_bits: Optional[int] = None
+    # planned for the model with only these layers kept: iPQ runs on `quant-noise prune`'s output (checked on load)
+    pruned: Optional[PrunedStack] = None
 
     @property
     def total_updates(self) -> int:
@@ -253,9 +264,24 @@ def quantizable_weights(model: nn.Module) -> Dict[int, List[str]]:
     return groups
 
 
+def _check_pruned_depth(schedule: ScheduleConfig, modules: Dict[str, nn.Module], source: str) -> None:
+    pruned = schedule.pruned
+    if pruned is None:
+        return
+    stack = modules.get(pruned.stack)
+    if not isinstance(stack, nn.ModuleList):
+        raise ScheduleError(f"{source}: key pruned.stack: the model has no layer stack {pruned.stack}")
+    if len(stack) != len(pruned.kept):
+        kept = ",".join(map(str, pruned.kept))
+        raise ScheduleError(f"{source}: key pruned: planned for {pruned.stack} {kept} of {pruned.of} kept, and this model has "
+                            f"{len(stack)}: run `quant-noise prune CHECKPOINT --keep {kept} --stack {pruned.stack.split('.')[0]} "
+                            f"-o PRUNED.pt` and start iPQ from PRUNED.pt")
+
+
 def plan_schedule(schedule: ScheduleConfig, model: nn.Module, source: str = "<schedule>") -> List[StagePlan]:
     """Match each stage against ``model``; raises ScheduleError naming the stage or layer."""
     modules = dict(model.named_modules(remove_duplicate=False))
+    _check_pruned_depth(schedule, modules, source)
     groups = list(quantizable_weights(model).values())
     owner: Dict[str, str] = {}
     plans, start = [], 0

@@ -13,6 +13,7 @@ from torch import nn
 from ..compressed import attach_pq_plan, mark_fitted, scalar_quantize_remaining_
 from ..packing import predicted_file
 from ..schedule import LayerPlan
+from .depth import DepthCandidate
 from .menus import BudgetError, Choice, WeightMenu
 
 RESOLUTION = 20000  # byte buckets of the knapsack: each weight's bytes round up to budget / RESOLUTION
@@ -32,6 +33,8 @@ class Plan:
     smallest_bytes: int = 0
     largest_bytes: int = 0
     notes: List[str] = field(default_factory=list)
+    pruned: Optional[DepthCandidate] = None  # planned for the model with fewer layers (planner/depth.py)
+    depth_lines: List[str] = field(default_factory=list)  # why that depth: each candidate's predicted loss
 
     @property
     def estimated_rise(self) -> float:

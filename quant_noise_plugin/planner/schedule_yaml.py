@@ -62,12 +62,17 @@ def schedule_text(plan: Plan, model: nn.Module, updates: int = 500, objective: s
         lines.append("# A weight's rise is measured at one setting and carried to the others by their activation-weighted error;")
     lines.append("# edit freely: `quant-noise schedule CKPT THIS.yaml` checks it, the iPQ task runs it.")
     lines += [f"# {note}" for note in plan.notes]
+    lines += [f"# {line}" for line in plan.depth_lines]
     if left_out:
         lines.append(f"# Left out of PQ ({'int' + str(bits) + ' codes at pack, final_scalar_bits' if bits else 'fp16'}):")
         lines += [why(m, c) for m, c in left_out]
     lines += ["defaults:", "  Linear: {block_size: 8, n_centroids: 256}", "  Embedding: {block_size: 8, n_centroids: 256}",
               f"final_scalar_bits: {bits if bits else 'null'}", f"kmeans_iterations: {kmeans_iterations}",
-              f"objective: {objective}", "seed: 0", "stages:"]
+              f"objective: {objective}", "seed: 0"]
+    if plan.pruned is not None and plan.pruned.prunes:
+        kept = ", ".join(map(str, plan.pruned.kept))
+        lines.append(f"pruned: {{stack: {plan.pruned.stack}, kept: [{kept}], of: {plan.pruned.of}}}")
+    lines.append("stages:")
     per_stage = [updates // len(stages) + (i < updates % len(stages)) for i in range(len(stages))]
     for stage, stage_updates in zip(stages, per_stage):
         members = by_stage[stage]
