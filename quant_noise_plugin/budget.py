@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from torch import nn
 
+from .planner.check import Candidate, check_against_candidates
 from .planner.depth import depth_candidates, layerdrop_stack, pruned_copy
 from .planner.knapsack import Plan, allocate, check_reachable, plan_budget, planned_file_bytes, planned_model  # noqa: F401
 from .planner.measure import ANCHORS, SENSITIVITIES, _carry_rises, calibration_loss, measure_menus, reference_bits_for  # noqa: F401
@@ -36,21 +37,26 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
                              block_sizes: Sequence[int] = BLOCK_SIZES, centroid_counts: Sequence[int] = CENTROID_COUNTS,
                              measure_all: bool = False, title: str = "", progress: Optional[Callable[[str], None]] = None,
                              sensitivity: str = "measured", anchors: int = ANCHORS, layerdrop: Optional[Dict[str, float]] = None,
-                             run_for: Optional[Callable[[nn.Module], Callable[[Any], Any]]] = None) -> tuple:
+                             run_for: Optional[Callable[[nn.Module], Callable[[Any], Any]]] = None,
+                             candidates: Sequence[Candidate] = ()) -> tuple:
     """The whole planner, as `quant-noise plan` and the iPQ task's ``--ipq-target-size`` run it: (Plan, schedule YAML
     text). The target is checked against what the menus reach before anything is measured.
 
     ``layerdrop`` ({side: rate} of the model config) and ``run_for`` (model -> run): on a stack trained with LayerDrop,
-    the budget is planned at each candidate depth (planner/depth.py) and the plan with the lowest predicted loss kept;
-    its YAML then says which layers to keep (``pruned``)."""
+    the budget is planned at each depth (planner/depth.py) and the plan with the lowest predicted loss kept;
+    its YAML then says which layers to keep (``pruned``).
+
+    ``candidates``: schedules of the same budget to measure the plan against (planner/check.py); the one with the
+    lowest calibration loss, every weight quantized at once, is written (the plan unless a candidate beats it)."""
     stack = layerdrop_stack(model, layerdrop or {}) if run_for is not None else None
-    candidates = depth_candidates(model, stack) if stack is not None else []
-    if len(candidates) < 2:
+    depths = depth_candidates(model, stack) if stack is not None else []
+    if len(depths) < 2:
         plan = _plan_at_depth(model, state, batches, run, target_bytes, scalar_bits, block_sizes, centroid_counts, measure_all,
                               progress, sensitivity, anchors)
-        return plan, schedule_text(plan, model, updates=updates, objective=objective, title=title)
+        text = schedule_text(plan, model, updates=updates, objective=objective, title=title)
+        return plan, _checked(plan, text, model, run, model, run, state, batches, candidates, block_sizes, centroid_counts)
     tried, lines, errors = [], [], []
-    for candidate in candidates:
+    for candidate in depths:
         pruned = pruned_copy(model, candidate) if candidate.prunes else model
         if progress:
             progress(f"depth: planning with {candidate.label()}")
@@ -72,7 +78,27 @@ def plan_schedule_for_budget(model: nn.Module, state: Dict, batches: Sequence[An
     verdict = (f"keeps {candidate.label()}: run `quant-noise prune` with --keep {','.join(map(str, candidate.kept))} first"
                if candidate.prunes else f"keeps {candidate.label()}: pruning predicts a higher loss at this budget")
     plan.depth_lines = [f"Depth ({stack} was trained with LayerDrop): the lowest predicted loss {verdict}.", *lines]
-    return plan, schedule_text(plan, pruned, updates=updates, objective=objective, title=title)
+    text = schedule_text(plan, pruned, updates=updates, objective=objective, title=title)
+    planned_run = run_for(pruned) if candidate.prunes else run
+    return plan, _checked(plan, text, pruned, planned_run, model, run, state, batches, candidates, block_sizes, centroid_counts)
+
+
+def _checked(plan: Plan, text: str, planned, planned_run, model, run, state, batches, candidates, block_sizes,
+             centroid_counts) -> str:
+    """The plan's YAML, or a candidate's that measured better (saying so in its first lines)."""
+    if not candidates:
+        return text
+    winner, rows = check_against_candidates(plan, planned, planned_run, model, run, state, batches, candidates,
+                                            lambda m, bits: weight_menus(m, bits, block_sizes, centroid_counts))
+    plan.check_lines = ["Checked by measurement (every weight quantized at once, calibration loss before finetuning):"]
+    plan.check_lines += [f"  {row.name}: " + (f"{row.loss:.4f}, {row.file_bytes:,} bytes" if row.loss is not None else row.reason)
+                         for row in rows]
+    if winner is None:
+        plan.check_lines.append("  the plan measured lowest: kept")
+        return text.replace("\ndefaults:", "".join(f"\n# {line}" for line in plan.check_lines) + "\ndefaults:", 1)
+    plan.kept_candidate = winner.name
+    plan.check_lines.append(f"  {winner.name} measured lower than the plan: written instead")
+    return "".join(f"# {line}\n" for line in plan.check_lines) + winner.text
 
 
 def _plan_at_depth(model, state, batches, run, target_bytes, scalar_bits, block_sizes, centroid_counts, measure_all, progress,

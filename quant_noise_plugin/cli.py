@@ -394,6 +394,8 @@ def cmd_plan(args) -> int:
     from .atomic import atomic_file
     from .budget import ANCHORS, BudgetError, parse_size, plan_schedule_for_budget
     from .checkpoints import read_checkpoint
+    from .planner.check import Candidate
+    from .schedule import load_schedule
     from .sizes import dense_fp32_bytes
 
     if args.updates <= 0:
@@ -408,6 +410,7 @@ def cmd_plan(args) -> int:
         if min(values) < 1:
             raise BudgetError(f"{flag} {' '.join(map(str, values))}: every value must be >= 1")
     target = None if args.target_ratio is not None else parse_size(args.target_size)
+    candidates = [Candidate(os.path.basename(path), load_schedule(path), Path(path).read_text()) for path in args.candidates or []]
     state = read_checkpoint(args.checkpoint)
     model, task = _load_model(state, args.checkpoint, args.data)
     dense = dense_fp32_bytes(model)
@@ -423,7 +426,8 @@ def cmd_plan(args) -> int:
     plan, text = plan_schedule_for_budget(model, state, batches, lambda sample: criterion(model, sample), target, scalar_bits,
                                           args.objective, args.updates, args.block_sizes, args.centroids, args.measure_all,
                                           title, progress=logger.info, sensitivity=args.sensitivity, anchors=args.anchors or ANCHORS,
-                                          layerdrop=layerdrop, run_for=lambda m: (lambda sample: criterion(m, sample)))
+                                          layerdrop=layerdrop, run_for=lambda m: (lambda sample: criterion(m, sample)),
+                                          candidates=candidates)
     with atomic_file(args.output) as tmp:
         tmp.write_text(text)
     seconds = time.perf_counter() - start
@@ -432,8 +436,10 @@ def cmd_plan(args) -> int:
           f"{sum(c.setting.is_pq for c in plan.picks)} of {len(plan.picks)} weights in PQ; {seconds:.1f} s")
     for note in plan.notes:
         print(f"note: {note}")
-    for line in plan.depth_lines:
+    for line in plan.depth_lines + plan.check_lines:
         print(line)
+    if plan.kept_candidate:
+        print(f"wrote {args.output}: the candidate {plan.kept_candidate} (the plan below measured worse)")
     if plan.pruned is not None and plan.pruned.prunes:
         print(f"next: quant-noise prune {args.checkpoint} --keep {','.join(map(str, plan.pruned.kept))} --stack "
               f"{plan.pruned.stack.split('.')[0]} -o PRUNED.pt, then iPQ from PRUNED.pt with {args.output}")
@@ -514,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured: the settings per layer whose rise is measured: 2 (default: the one nearest the budget's bits and "
                         "the coarsest, the rise linear in the error between them) or 1 (the first alone: half the measurements, but "
                         "a model trained with noise shows no rise there and its coarse settings then look free)")
+    p.add_argument("--candidates", nargs="+", metavar="YAML", help="schedules to measure the plan against (e.g. the shipped one "
+                   "at this size): every weight quantized at once, the calibration loss of each; a candidate that measures lower "
+                   "and fits the budget is written instead of the plan")
     p.add_argument("--no-pruning", action="store_true", help="plan every layer, even of a model trained with LayerDrop (default: "
                    "such a model is also planned with every other layer kept, and the depth predicting the lower loss is chosen)")
     p.set_defaults(func=cmd_plan)

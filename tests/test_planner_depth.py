@@ -65,3 +65,34 @@ def test_the_planner_drops_layers_when_the_budget_demands_it_and_keeps_them_when
 def test_a_model_trained_without_layerdrop_keeps_its_depth(dense_lm, lm_data, tmp_path):
     out, _ = plan(dense_lm, lm_data, tmp_path / "plan.yaml", "60KB")
     assert "Depth" not in out and "pruned" not in yaml.safe_load((tmp_path / "plan.yaml").read_text())
+
+
+CANDIDATE = """
+defaults:
+  Embedding: {block_size: 4, n_centroids: 256}
+final_scalar_bits: 8
+stages:
+  - {name: embeddings, layers: 'decoder\\.embed_tokens', updates: 10}
+"""
+OVER_BUDGET = """
+final_scalar_bits: 8
+stages:
+  - {name: ffn, layers: 'decoder\\.layers\\.\\d+\\.fc1', updates: 10}
+"""
+
+
+def test_the_check_keeps_a_candidate_schedule_that_measures_better_than_the_plan(dense_lm, lm_data, tmp_path):
+    """A plan from a menu cut to K=4 must put the embedding at 0.5 bits a weight; the candidate spends the same budget
+    on K=256 there. Measured with every weight quantized at once, the candidate wins and is written, saying so."""
+    (tmp_path / "embeddings_k256.yaml").write_text(CANDIDATE)
+    (tmp_path / "ffn_only.yaml").write_text(OVER_BUDGET)
+    output = tmp_path / "plan.yaml"
+    out, _ = plan(dense_lm, lm_data, output, "200KB", "--centroids", "4", "--candidates", tmp_path / "embeddings_k256.yaml",
+                  tmp_path / "ffn_only.yaml")
+    rows = dict(re.findall(r"\n  (the plan|embeddings_k256.yaml): ([\d.]+), [\d,]+ bytes", out))
+    assert float(rows["embeddings_k256.yaml"]) < float(rows["the plan"])
+    assert re.search(r"\n  ffn_only.yaml: over the budget \([\d,]+ > 200,000 bytes\)", out)
+    assert "wrote " + str(output) + ": the candidate embeddings_k256.yaml (the plan below measured worse)" in out
+    written = output.read_text()
+    assert written.startswith("# Checked by measurement") and written.endswith(CANDIDATE.lstrip("\n"))
+    assert "stage" in run(["quant-noise", "schedule", dense_lm, output]).output

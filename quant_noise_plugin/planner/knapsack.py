@@ -35,6 +35,8 @@ class Plan:
     notes: List[str] = field(default_factory=list)
     pruned: Optional[DepthCandidate] = None  # planned for the model with fewer layers (planner/depth.py)
     depth_lines: List[str] = field(default_factory=list)  # why that depth: each candidate's predicted loss
+    check_lines: List[str] = field(default_factory=list)  # the plan measured against candidate schedules (planner/check.py)
+    kept_candidate: Optional[str] = None  # a candidate schedule measured better and was written instead
 
     @property
     def estimated_rise(self) -> float:
