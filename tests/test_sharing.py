@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PLUGIN, TINY_LM, eval_lm_ppl, run, train_lm
+from conftest import PLUGIN, SCHEDULE as TWO_STAGES, TINY_LM, eval_lm_ppl, run, train_lm
 from quant_noise_plugin.calibration import collect_input_moments
 from quant_noise_plugin.checkpoints import CheckpointError
 from quant_noise_plugin.compressed import attach_pq_plan, fit_pq
@@ -79,13 +79,13 @@ def test_noise_hooks_a_shared_layer_once():
     assert model.decoder.layers[0].fc1.weight.grad is not None
 
 
-SCHEDULE = {"defaults": {"Linear": {"block_size": 4, "n_centroids": 8}}, "kmeans_iterations": 4,
+TOY_SCHEDULE = {"defaults": {"Linear": {"block_size": 4, "n_centroids": 8}}, "kmeans_iterations": 4,
             "stages": [{"name": "ffn", "layers": r"decoder\.layers\.\d+\.fc[12]", "updates": 1}]}
 
 
 def quantized_stack():
     model = shared_stack()
-    plans = plan_schedule(schedule_from_dict(SCHEDULE), model)[0].layers
+    plans = plan_schedule(schedule_from_dict(TOY_SCHEDULE), model)[0].layers
     for plan in plans:
         attach_pq_plan(model, plan)
         fit_pq(model, plan, n_iter=4, seed=0)
@@ -159,20 +159,9 @@ def shared_lm(lm_data, tmp_path_factory):
     return save / "checkpoint_last.pt"
 
 
-OUTPUT_SCHEDULE = """
-defaults:
-  Linear: {block_size: 4, n_centroids: 16}
-  Embedding: {block_size: 4, n_centroids: 16}
-kmeans_iterations: 5
-objective: output
-stages:
-  - name: ffn
-    layers: 'decoder\\.layers\\.\\d+\\.fc[12]'
-    updates: 2
-  - name: rest
-    layers: 'decoder\\.(layers\\.\\d+\\.self_attn\\.(q|k|v|out)_proj|embed_tokens)'
-    updates: 2
-"""
+# conftest's two-stage schedule, every stage on the output objective
+OUTPUT_SCHEDULE = TWO_STAGES.replace("    objective: activations\n", "").replace("kmeans_iterations: 10", "kmeans_iterations: 5\nobjective: output")
+assert "objective: output" in OUTPUT_SCHEDULE and "activations" not in OUTPUT_SCHEDULE
 
 UNSHARED_PARAMS = 199168 + 4 * 33472  # the tiny LM at 4 layers: tied 3112 x 64 embedding, 33,472 parameters a layer
 
@@ -187,8 +176,8 @@ def test_a_shared_model_trains_compresses_packs_and_loads_everywhere(shared_lm, 
     schedule.write_text(OUTPUT_SCHEDULE)
     save = tmp_path / "ipq"
     out = train_lm(lm_data, save, "--task", "ipq_language_modeling", "--ipq-config", schedule, "--finetune-from-model", shared_lm,
-                   "--arch", "qn_transformer_lm", *SHARED, "--lr", "0.0005", max_update=4).output
-    assert "ipq stage 0 (ffn): updates 0-1, 4 weights: decoder.layers.0.fc1, decoder.layers.0.fc2, decoder.layers.2.fc1, decoder.layers.2.fc2" in out
+                   "--arch", "qn_transformer_lm", *SHARED, "--lr", "0.0005", max_update=6).output
+    assert "ipq stage 0 (ffn): updates 0-2, 4 weights: decoder.layers.0.fc1, decoder.layers.0.fc2, decoder.layers.2.fc1, decoder.layers.2.fc2" in out
     ipq = save / "checkpoint_last.pt"
     trained = torch.load(ipq, weights_only=False)["model"]
     assert trained["decoder.layers.3.fc2.weight_pq.codes"].data_ptr() == trained["decoder.layers.2.fc2.weight_pq.codes"].data_ptr()
@@ -257,7 +246,7 @@ def test_a_shared_model_on_2_processes(shared_lm, lm_data, tmp_path):
     schedule.write_text(OUTPUT_SCHEDULE)
     fairseq_train(tmp_path, lm_data, tmp_path / "two", "--task", "ipq_language_modeling", "--ipq-config", schedule,
                   "--finetune-from-model", shared_lm, "--arch", "qn_transformer_lm", *SHARED, "--lr", "0.0005",
-                  "--quant-noise-pq", "0.1", max_update=4)
-    final = assert_replicas_identical(tmp_path / "two", 4)
+                  "--quant-noise-pq", "0.1", max_update=6)
+    final = assert_replicas_identical(tmp_path / "two", 6)
     assert bool(final["decoder.layers.1.self_attn.q_proj.weight_pq.fitted"])
     assert torch.equal(final["decoder.layers.1.fc1.weight_pq.centroids"], final["decoder.layers.0.fc1.weight_pq.centroids"])
