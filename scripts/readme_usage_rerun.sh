@@ -19,11 +19,11 @@ SHORT=(--optimizer adam --lr 0.0005 --lr-scheduler inverse_sqrt --warmup-updates
        --no-epoch-checkpoints --log-format simple --log-interval 10 --num-workers 0)
 SHAPE=(--decoder-layers 2 --decoder-embed-dim 128 --decoder-ffn-embed-dim 256 --decoder-attention-heads 4)
 N=0
-# The README's quick start, verbatim: the bash block that follows `source .venv/bin/activate` in "Using it"
+# The README's recipe, verbatim: the bash block of "The recipe"
 python - > "$W/readme_quickstart.sh" <<'PY'
 import re
-section = open("README.md", encoding="utf-8").read().split("## Using it", 1)[1]
-print(re.findall(r"```bash\n(.*?)```", section, re.S)[1])
+section = open("README.md", encoding="utf-8").read().split("## The recipe", 1)[1].split("\n## ", 1)[0]
+print(re.findall(r"```bash\n(.*?)```", section, re.S)[0])
 PY
 # run TITLE PATTERN CMD...: runs CMD (its full output in $W/step-N.log), prints the lines matching PATTERN
 run() {
@@ -35,7 +35,7 @@ run() {
     grep -E "$pattern" "$W/step-$N.log" | tail -4 | sed -e "s#$W#\$W#g" -e "s#$REPO#\$PWD#g" || true
 }
 
-run "README quick start, verbatim" "Perplexity|compression ratio|done training|packed " \
+run "README recipe, verbatim" "Perplexity|compression ratio|done training|packed |ipq stage .* quantized|^\[|In the beginning" \
     bash -e "$W/readme_quickstart.sh"
 run "Quant-Noise training, plugin arch" "quant-noise:|num. model params|done training" \
     fairseq-train data/lm/bin --user-dir $P --task language_modeling --tokens-per-sample 64 \

@@ -160,7 +160,7 @@ def write_outputs(results: List[dict], table: str, selection: Dict, runner: Runn
         return
     if table == "ablation":
         parts = [render_ablation(results, task, *selection[task], runner, seeds, command) for task in tasks]
-        reading = "What the rows say, failures included: README.md, section \"Where and when to put the noise\".\n\n"
+        reading = "What the rows say, failures included: docs/findings.md.\n\n"
         write_atomic(out / "ablation_noise.md", "# Where and when to put Quant-Noise: the ablation\n\n" + reading + "\n\n".join(parts))
         write_atomic(out / "ablation_noise.json", json.dumps(results, indent=1))
         return
