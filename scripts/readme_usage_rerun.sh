@@ -32,10 +32,10 @@ run() {
     echo; echo "### $N. $title"; echo "\$ $shown"
     local rc=0; "$@" > "$W/step-$N.log" 2>&1 || rc=$?
     if [ $rc -ne 0 ]; then echo "FAILED (exit $rc):"; tail -20 "$W/step-$N.log"; exit 1; fi
-    grep -E "$pattern" "$W/step-$N.log" | tail -4 | sed -e "s#$W#\$W#g" -e "s#$REPO#\$PWD#g" || true
+    grep -E "$pattern" "$W/step-$N.log" | tail -"${SHOWN:-4}" | sed -e "s#$W#\$W#g" -e "s#$REPO#\$PWD#g" || true
 }
 
-run "README recipe, verbatim" "Perplexity|compression ratio|done training|packed |ipq stage .* quantized|^\[|In the beginning" \
+SHOWN=12 run "README recipe, verbatim" "Perplexity|done training|^packed |ipq stage .* quantized|predicted for a target|compressed size|on disk|In the beginning" \
     bash -e "$W/readme_quickstart.sh"
 run "Quant-Noise training, plugin arch" "quant-noise:|num. model params|done training" \
     fairseq-train data/lm/bin --user-dir $P --task language_modeling --tokens-per-sample 64 \

@@ -17,6 +17,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -78,6 +79,11 @@ class IPQOptions(FairseqDataclass):
                                         "`quant-noise plan` runs at the start on --finetune-from-model's weights and writes "
                                         "SAVE_DIR/ipq_plan.yaml, which a resumed run reuses"}
     )
+    ipq_candidates: Optional[str] = field(
+        default=None, metadata={"help": "with --ipq-target-size: schedules (comma-separated YAML paths) to measure the plan "
+                                        "against, as `quant-noise plan --candidates` does; one that measures lower and fits "
+                                        "the budget is run instead"}
+    )
     ipq_kmeans_backend: str = field(default="auto", metadata={"help": "k-means backend: auto, faiss or torch"})
     ipq_calibration_batches: int = field(
         default=32, metadata={"help": "training batches (2048 tokens) whose layer inputs weigh the k-means of 'objective: activations' stages"}
@@ -135,6 +141,8 @@ class IPQTaskMixin:
             )
         if self.ipq_cfg.ipq_config and self.ipq_cfg.ipq_target_size:
             raise ScheduleError(f"--ipq-config {self.ipq_cfg.ipq_config} and --ipq-target-size {self.ipq_cfg.ipq_target_size}: give one (a target plans its own schedule)")
+        if self.ipq_cfg.ipq_candidates and not self.ipq_cfg.ipq_target_size:
+            raise ScheduleError(f"--ipq-candidates {self.ipq_cfg.ipq_candidates}: candidates are measured against a plan: add --ipq-target-size")
         if not self.ipq_cfg.ipq_config and not self.ipq_cfg.ipq_target_size:
             raise ScheduleError(f"--task {self.task_name}: --ipq-config SCHEDULE.yaml (or --ipq-target-size SIZE) is required for training")
         self._check_run_flags()
@@ -167,6 +175,7 @@ class IPQTaskMixin:
         from ..atomic import atomic_file
         from ..budget import parse_target, plan_schedule_for_budget
         from ..checkpoints import read_checkpoint
+        from ..planner.check import Candidate
 
         path = os.path.join(self.ipq_cfg.save_dir, PLAN_FILE)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -187,10 +196,15 @@ class IPQTaskMixin:
             # the run's own criterion: its config is the training config's (the task's is a node of it, as II() reads)
             criterion = self.build_criterion(self.ipq_cfg._get_root().criterion)
             batches = training_batches(self, model, min(8, max(1, self.ipq_cfg.ipq_calibration_batches)))
+            candidates = [Candidate(os.path.basename(p), load_schedule(p), Path(p).read_text())
+                          for p in (self.ipq_cfg.ipq_candidates or "").split(",") if p.strip()]
             plan, text = plan_schedule_for_budget(
                 model, state, batches, lambda sample: criterion(model, sample), target, updates=self.ipq_cfg.max_update or 500,
                 title=f"Planned by --ipq-target-size {self.ipq_cfg.ipq_target_size} from {os.path.basename(source)}",
+                candidates=candidates,
             )
+            for line in plan.check_lines:
+                logger.info("ipq: %s", line)
             os.makedirs(self.ipq_cfg.save_dir, exist_ok=True)
             with atomic_file(path) as tmp:
                 tmp.write_text(text)
