@@ -171,6 +171,7 @@ def test_a_planned_column_plans_for_its_twins_bytes_objective_and_largest_k(tmp_
     assert wide[wide.index("--centroids") + 1:wide.index("-o")] == ["4", "8", "16", "32", "64", "128", "256", "512", "1024"]
     assert wide[wide.index("--objective") + 1] == twin.objective and wide[wide.index("--updates") + 1] == str(twin.total_updates)
     assert "TWIN_BYTES" in wide  # the target is the twin's file, known once it is packed
+    assert wide[wide.index("--candidates") + 1] == str(runner.schedule("lm", "ipq"))  # measured against its twin
     narrow = [str(c) for c in runner.plan_command("lm", "none", "plan_ipq_x50_out")[0]]
     assert "--centroids" not in narrow and narrow[narrow.index("--scalar-bits") + 1] == "8"
 

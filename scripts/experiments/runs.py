@@ -67,7 +67,8 @@ class Runner:
 
     def plan_command(self, task: str, mode: str, column: str) -> Tuple[List, Path]:
         """`quant-noise plan` of a row's model for a planned column: the twin column's file bytes as the target, the twin
-        schedule's objective, final scalar bits and updates, and a menu reaching the twin's largest K (the planner's
+        schedule's objective, final scalar bits and updates, the twin schedule as the candidate the plan is measured
+        against (so a planned point keeps the twin's schedule where that measures better), and a menu reaching the twin's largest K (the planner's
         default stops at 256; the x20 schedule's embedding has 1024). The target is known once the twin is packed
         (before: TWIN_BYTES)."""
         from quant_noise_plugin.budget import CENTROID_COUNTS
@@ -82,6 +83,7 @@ class Runner:
         cmd = ["quant-noise", "plan", trained, "--target-size", target, "--calibrate", self.data / task / "bin",
                "--data", self.data / task / "bin", "--objective", twin_schedule.objective,
                "--scalar-bits", twin_schedule.final_scalar_bits or 0, "--updates", twin_schedule.total_updates,
+               "--candidates", self.schedule(task, twin),  # the plan measured against its twin, the better one kept
                "--anchors", 2, "-o", out]  # (the default since plans with one anchor lost on noise rows: named, so they replan)
         if twin_schedule.largest_centroids > max(CENTROID_COUNTS):
             counts = list(CENTROID_COUNTS)
