@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from conftest import PLUGIN, TINY_LM, run, train_lm
+from conftest import TINY_LM, ipq_train, run, train_lm
 from quant_noise_plugin.planner.depth import depth_candidates, pruned_copy
 from quant_noise_plugin.sharing import shared_chunks
 from test_sharing import Stack, shared_stack
@@ -99,7 +99,6 @@ def test_the_check_keeps_a_candidate_schedule_that_measures_better_than_the_plan
 
 
 def test_the_ipq_task_measures_its_plan_against_candidates_and_runs_the_better(dense_lm, lm_data, tmp_path):
-    from conftest import ipq_train
 
     candidate = tmp_path / "embeddings_k256.yaml"
     candidate.write_text(CANDIDATE)
