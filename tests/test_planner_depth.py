@@ -99,7 +99,6 @@ def test_the_check_keeps_a_candidate_schedule_that_measures_better_than_the_plan
 
 
 def test_the_ipq_task_measures_its_plan_against_candidates_and_runs_the_better(dense_lm, lm_data, tmp_path):
-
     candidate = tmp_path / "embeddings_k256.yaml"
     candidate.write_text(CANDIDATE)
     out = train_lm(lm_data, tmp_path / "ipq", "--task", "ipq_language_modeling", "--ipq-target-size", "200KB", "--ipq-candidates",
