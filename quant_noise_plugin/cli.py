@@ -393,9 +393,8 @@ def cmd_plan(args) -> int:
 
     from .atomic import atomic_file
     from .budget import ANCHORS, BudgetError, parse_size, plan_schedule_for_budget
-    from .checkpoints import read_checkpoint
+    from .checkpoints import _get, read_checkpoint
     from .planner.check import Candidate
-    from .schedule import load_schedule
     from .sizes import dense_fp32_bytes
 
     if args.updates <= 0:
@@ -410,7 +409,7 @@ def cmd_plan(args) -> int:
         if min(values) < 1:
             raise BudgetError(f"{flag} {' '.join(map(str, values))}: every value must be >= 1")
     target = None if args.target_ratio is not None else parse_size(args.target_size)
-    candidates = [Candidate(os.path.basename(path), load_schedule(path), Path(path).read_text()) for path in args.candidates or []]
+    candidates = [Candidate.from_file(path) for path in args.candidates or []]
     state = read_checkpoint(args.checkpoint)
     model, task = _load_model(state, args.checkpoint, args.data)
     dense = dense_fp32_bytes(model)
@@ -420,8 +419,6 @@ def cmd_plan(args) -> int:
     start = time.perf_counter()
     batches, criterion = _calibration_batches(state, model, task, args.calibrate, args.calibration_batches)
     title = f"Planned by `quant-noise plan {os.path.basename(args.checkpoint)} --target-{'ratio ' + str(args.target_ratio) if args.target_ratio else 'size ' + args.target_size}`"
-    from .checkpoints import _get
-
     layerdrop = None if args.no_pruning else {side: _get(state["cfg"]["model"], f"{side}_layerdrop") for side in ("encoder", "decoder")}
     plan, text = plan_schedule_for_budget(model, state, batches, lambda sample: criterion(model, sample), target, scalar_bits,
                                           args.objective, args.updates, args.block_sizes, args.centroids, args.measure_all,

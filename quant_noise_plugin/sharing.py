@@ -27,9 +27,9 @@ def chunk_field(side: str) -> str:
     return f"{side}_share_layer_chunk"
 
 
-def layer_stacks(model: nn.Module) -> Dict[str, nn.ModuleList]:
+def module_stacks(model: nn.Module) -> Dict[str, nn.ModuleList]:
     """{name: ModuleList} of the model's layer stacks: ``decoder.layers``, ``encoder.layers``,
-    ``encoder.sentence_encoder.layers`` (RoBERTa)."""
+    ``encoder.sentence_encoder.layers`` (RoBERTa). (pruning.layer_stacks reads the same stacks off a state dict's keys.)"""
     return {name: module for name, module in model.named_modules()
             if isinstance(module, nn.ModuleList) and name.split(".")[0] in STACK_SIDES and name.endswith("layers")
             and name.count(".") <= 2}
@@ -58,7 +58,7 @@ def share_layers_(layers: nn.ModuleList, chunk: int) -> int:
 def share_stacks_(model: nn.Module, chunks: Dict[str, int]) -> Dict[str, int]:
     """``chunks``: {side: N} from the model config; shares the side's stack(s) by chunks of N (one-line error naming
     the flag for a bad N). Returns {stack name: layers reusing another's weights}."""
-    stacks = layer_stacks(model)
+    stacks = module_stacks(model)
     done = {}
     for side, chunk in chunks.items():
         if chunk is None or chunk == 1:
@@ -83,11 +83,12 @@ def shared_chunks(layers: nn.ModuleList) -> List[Tuple[int, ...]]:
 def check_shared_keys_agree(model: nn.Module, state_dict, prefix: str = "") -> Optional[str]:
     """A state dict loaded into a shared model must hold the same values under every layer of a chunk (a checkpoint of
     a model trained without sharing would load its last layer silently). Returns the first key that disagrees, or None."""
-    for stack_name, layers in layer_stacks(model).items():
+    for stack_name, layers in module_stacks(model).items():
         for chunk in shared_chunks(layers):
             first = f"{prefix}{stack_name}.{chunk[0]}."
+            keys = [k for k in state_dict if k.startswith(first)] if len(chunk) > 1 else []
             for other in chunk[1:]:
-                for key in [k for k in state_dict if k.startswith(first)]:
+                for key in keys:
                     mine, theirs = state_dict[key], state_dict.get(f"{prefix}{stack_name}.{other}.{key[len(first):]}")
                     if theirs is None or mine is theirs or (
                             isinstance(mine, torch.Tensor) and mine.data_ptr() == theirs.data_ptr() and mine.shape == theirs.shape):

@@ -226,13 +226,13 @@ def test_roberta_and_translation_models_share_their_stacks(tiny_data, argv, stac
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from quant_noise_plugin.sharing import layer_stacks
+    from quant_noise_plugin.sharing import module_stacks
 
     data = tiny_data / ("lm" if "masked_lm" in argv else "mt") / "bin"
     args = options.parse_args_and_arch(options.get_training_parser(), [str(data), "--user-dir", PLUGIN, "--cpu", *argv])
     cfg = convert_namespace_to_omegaconf(args)
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
-    assert {name: shared_chunks(layers) for name, layers in layer_stacks(model).items()} == stacks
+    assert {name: shared_chunks(layers) for name, layers in module_stacks(model).items()} == stacks
     model.load_state_dict(model.state_dict())  # its own checkpoint loads back
 
 

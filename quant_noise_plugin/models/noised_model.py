@@ -32,7 +32,7 @@ class QuantNoiseModelMixin:
         disable_fairseq_builtin_noise(args)
         model = super().build_model(args, task)
         chunks = {side: getattr(args, chunk_field(side), None) for side in STACK_SIDES}
-        shared = share_stacks_(model, {side: chunk for side, chunk in chunks.items() if chunk is not None})
+        shared = share_stacks_(model, chunks)
         if shared:
             logger.info("quant-noise: layers shared by chunks: %s", ", ".join(
                 f"{name} by {chunks[name.split('.')[0]]} ({len(model.get_submodule(name)) - reused} weight sets)"

@@ -7,14 +7,16 @@ loss wins. A candidate whose packed file would exceed the budget is not consider
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..calibration import collect_input_moments
-from ..schedule import ScheduleConfig, ScheduleError, plan_schedule
+from ..calibration import InputMoments, collect_input_moments
+from ..schedule import ScheduleConfig, ScheduleError, load_schedule, plan_schedule
 from .knapsack import Plan, planned_file_bytes
 from .measure import calibration_loss
 from .menus import Choice, Setting, WeightMenu, quantized, setting_bytes
@@ -25,6 +27,11 @@ class Candidate:
     name: str  # where it came from (a file name)
     schedule: ScheduleConfig
     text: str
+
+    @classmethod
+    def from_file(cls, path: str) -> "Candidate":
+        """A schedule YAML, type-checked (one-line errors naming the file), with the text to write should it win."""
+        return cls(os.path.basename(path), load_schedule(path), Path(path).read_text())
 
 
 @dataclass
@@ -48,9 +55,9 @@ def candidate_picks(schedule: ScheduleConfig, model: nn.Module, menus: Sequence[
 
 @torch.no_grad()
 def joint_loss(model: nn.Module, menus: Sequence[WeightMenu], picks: Sequence[Choice], batches: Sequence[Any],
-               run: Callable[[Any], Any], scalar_bits: Optional[int], seed: int = 0) -> float:
-    """The calibration loss with every weight quantized at once as ``picks`` say (weights restored on return)."""
-    moments = collect_input_moments(model, {m.name: m.names for m in menus}, batches, run)
+               run: Callable[[Any], Any], scalar_bits: Optional[int], moments: Dict[str, InputMoments], seed: int = 0) -> float:
+    """The calibration loss with every weight quantized at once as ``picks`` say (weights restored on return);
+    ``moments``: the model's input statistics by weight name (collect_input_moments), which weigh the k-means."""
     saved: Dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
@@ -73,8 +80,13 @@ def check_against_candidates(plan: Plan, planned_model: nn.Module, planned_run: 
     """(the winner: None for the plan, else the Candidate; rows measured, the plan's first). ``planned_model``: the model
     the plan was made for (pruned, perhaps); ``model``: the one the candidates name; ``menus_of(model, bits)``: its
     weight menus."""
+    def moments_of(m: nn.Module, menus: Sequence[WeightMenu], run_m: Callable[[Any], Any]) -> Dict[str, InputMoments]:
+        return collect_input_moments(m, {menu.name: menu.names for menu in menus}, batches, run_m)
+
+    planned_moments = moments_of(planned_model, plan.menus, planned_run)
     rows = [CheckRow("the plan", plan.predicted_file_bytes,
-                     joint_loss(planned_model, plan.menus, plan.picks, batches, planned_run, plan.scalar_bits))]
+                     joint_loss(planned_model, plan.menus, plan.picks, batches, planned_run, plan.scalar_bits, planned_moments))]
+    model_moments = planned_moments if model is planned_model else None  # the same weights' statistics: computed once
     best, best_loss = None, rows[0].loss
     for candidate in candidates:
         bits = candidate.schedule.final_scalar_bits
@@ -88,7 +100,9 @@ def check_against_candidates(plan: Plan, planned_model: nn.Module, planned_run: 
         if file_bytes > plan.target_bytes:
             rows.append(CheckRow(candidate.name, file_bytes, None, f"over the budget ({file_bytes:,} > {plan.target_bytes:,} bytes)"))
             continue
-        loss = joint_loss(model, menus, picks, batches, run, bits)
+        if model_moments is None:
+            model_moments = moments_of(model, menus, run)
+        loss = joint_loss(model, menus, picks, batches, run, bits, model_moments)
         rows.append(CheckRow(candidate.name, file_bytes, loss))
         if loss < best_loss:
             best, best_loss = candidate, loss

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from torch import nn
 
-from ..sharing import layer_stacks, shared_chunks
+from ..sharing import module_stacks, shared_chunks
 
 
 @dataclass
@@ -35,7 +35,7 @@ class DepthCandidate:
 
 def layerdrop_stack(model: nn.Module, layerdrop: dict) -> Optional[str]:
     """The one layer stack trained with LayerDrop (``layerdrop``: {side: rate} from the model config), or None."""
-    stacks = [name for name in layer_stacks(model) if (layerdrop.get(name.split(".")[0]) or 0) > 0]
+    stacks = [name for name in module_stacks(model) if (layerdrop.get(name.split(".")[0]) or 0) > 0]
     return stacks[0] if len(stacks) == 1 else None
 
 

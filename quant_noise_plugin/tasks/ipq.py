@@ -17,7 +17,6 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -196,8 +195,7 @@ class IPQTaskMixin:
             # the run's own criterion: its config is the training config's (the task's is a node of it, as II() reads)
             criterion = self.build_criterion(self.ipq_cfg._get_root().criterion)
             batches = training_batches(self, model, min(8, max(1, self.ipq_cfg.ipq_calibration_batches)))
-            candidates = [Candidate(os.path.basename(p), load_schedule(p), Path(p).read_text())
-                          for p in (self.ipq_cfg.ipq_candidates or "").split(",") if p.strip()]
+            candidates = [Candidate.from_file(p.strip()) for p in (self.ipq_cfg.ipq_candidates or "").split(",") if p.strip()]
             plan, text = plan_schedule_for_budget(
                 model, state, batches, lambda sample: criterion(model, sample), target, updates=self.ipq_cfg.max_update or 500,
                 title=f"Planned by --ipq-target-size {self.ipq_cfg.ipq_target_size} from {os.path.basename(source)}",
